@@ -1,0 +1,369 @@
+"""The SD1/SD2 denoising UNet, laid out as CompVis `openaimodel.py`.
+
+Every module path is the original checkpoint key after `model.diffusion_model.`, so an original checkpoint
+loads with `load_state_dict(assign=True, strict=True)` and no converter. Diffusers folders are renamed once
+by `diffusers_renames`.
+
+Block layout (L = len(channel_mult), n = num_res_blocks):
+  input_blocks.0            conv_in
+  input_blocks.{1+l*(n+1)+r} [ResBlock, SpatialTransformer if l in attention_levels]   r < n
+  input_blocks.{(l+1)*(n+1)} [Downsample]                                              l < L-1
+  middle_block              ResBlock, SpatialTransformer, ResBlock
+  output_blocks.{u*(n+1)+r} [ResBlock, SpatialTransformer?, Upsample if r == n and not last]  u = L-1-l
+  out                       GroupNorm, SiLU, conv
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import SdgenError
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple = (0, 1, 2)  # levels (indices into channel_mult) that have cross attention
+    context_dim: int = 768
+    num_heads: int = 8
+    norm_groups: int = 32
+    transformer_depth: int = 1
+    linear_proj: bool = False
+    head_channels: int = 0  # > 0: heads = channels // head_channels (SD2 uses 64); 0: num_heads everywhere (SD1)
+
+    def heads(self, channels):
+        return channels // self.head_channels if self.head_channels > 0 else self.num_heads
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, tuple]) -> "UNetConfig":
+        """Sizes off the tensor shapes (our key names); heads and groups are SD1 family constants."""
+        shapes = {k: tuple(v) for k, v in shapes.items()}
+        try:
+            conv_in = shapes["input_blocks.0.0.weight"]
+            out_channels = shapes["out.2.weight"][0]
+        except KeyError as e:
+            raise SdgenError(f"not a Stable Diffusion UNet: missing {e.args[0]}") from None
+        mc = conv_in[0]
+        downs = sorted(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.") and k.endswith(".0.op.weight"))
+        n_levels = len(downs) + 1
+        last = max(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks."))
+        n = downs[0] - 1 if downs else last  # input_blocks.{n+1} is the first Downsample
+        mult, attn = [], []
+        for level in range(n_levels):
+            first = f"input_blocks.{1 + level * (n + 1)}"
+            w = shapes.get(f"{first}.0.out_layers.3.weight")
+            if w is None or w[0] % mc:
+                raise SdgenError(f"unexpected UNet layout at {first}")
+            mult.append(w[0] // mc)
+            if f"{first}.1.proj_in.weight" in shapes:
+                attn.append(level)
+        proj = shapes.get("middle_block.1.proj_in.weight")
+        to_k = shapes.get("middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+        if proj is None or to_k is None:
+            raise SdgenError("not a Stable Diffusion UNet: the middle block has no cross attention")
+        depth = len({k.split(".")[3] for k in shapes if k.startswith("middle_block.1.transformer_blocks.")})
+        return cls(in_channels=conv_in[1], out_channels=out_channels, model_channels=mc, channel_mult=tuple(mult),
+                   num_res_blocks=n, attention_levels=tuple(attn), context_dim=to_k[1], transformer_depth=depth,
+                   linear_proj=len(proj) == 2)
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "UNetConfig":
+        """From a diffusers UNet2DConditionModel config.json."""
+        boc = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
+        mc = boc[0]
+        down = config.get("down_block_types", ())
+        for key in ("class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
+            if config.get(key) is not None:
+                raise SdgenError(f"unsupported diffusers UNet: {key}={config[key]!r}")
+        if any(c % mc for c in boc) or len(down) != len(boc):
+            raise SdgenError(f"unsupported diffusers UNet: block_out_channels={boc}")
+        uniform = {}
+        for key, default in (("layers_per_block", 2), ("transformer_layers_per_block", 1), ("cross_attention_dim", 768)):
+            v = config.get(key, default)
+            vs = set(v) if isinstance(v, (list, tuple)) else {v}
+            if len(vs) != 1:
+                raise SdgenError(f"unsupported diffusers UNet: {key}={v!r} differs between levels")
+            uniform[key] = vs.pop()
+        # Legacy naming: without num_attention_heads, diffusers reads attention_head_dim as the number of HEADS.
+        heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+        num_heads, head_channels = 8, 0
+        if isinstance(heads, (list, tuple)):
+            if len(set(heads)) == 1:
+                num_heads = heads[0]
+            elif len({c // h for c, h in zip(boc, heads)}) == 1 and all(c % h == 0 for c, h in zip(boc, heads)):
+                head_channels = boc[0] // heads[0]  # SD2: constant 64 channels per head
+            else:
+                raise SdgenError(f"unsupported diffusers UNet: attention heads {heads}")
+        else:
+            num_heads = heads
+        return cls(in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
+                   model_channels=mc, channel_mult=tuple(c // mc for c in boc),
+                   num_res_blocks=uniform["layers_per_block"],
+                   attention_levels=tuple(i for i, t in enumerate(down) if "CrossAttn" in t),
+                   context_dim=uniform["cross_attention_dim"], num_heads=num_heads,
+                   norm_groups=config.get("norm_num_groups", 32),
+                   transformer_depth=uniform["transformer_layers_per_block"],
+                   linear_proj=bool(config.get("use_linear_projection", False)), head_channels=head_channels)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+class GroupNorm(nn.GroupNorm):
+    """Statistics in fp32 whatever the parameter dtype: fp16 variance overflows on real activations."""
+
+    def forward(self, x):
+        w, b = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """(B,) float -> (B, dim) fp32: [cos, sin] of t * max_period^(-i/half), as diffusers with
+    flip_sin_to_cos=True, downscale_freq_shift=0 (and CompVis `timestep_embedding`)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, emb_dim, groups):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.out_layers = nn.Sequential(GroupNorm(groups, cout), nn.SiLU(), nn.Identity(),  # .2 is dropout
+                                        nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):  # (B, cin, h, w), (B, emb_dim) -> (B, cout, h, w)
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim, context_dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x, context=None):  # (B, N, dim), (B, M, context_dim) -> (B, N, dim)
+        context = x if context is None else context
+        b, n, _ = x.shape
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))  # .1 is dropout
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim, context_dim, heads):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.ff = FeedForward(dim)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, ch, config: UNetConfig):
+        super().__init__()
+        self.linear = config.linear_proj  # SD2 projects with Linear, SD1 with 1x1 convs: same maths
+        proj = (lambda: nn.Linear(ch, ch)) if self.linear else (lambda: nn.Conv2d(ch, ch, 1))
+        self.norm = GroupNorm(config.norm_groups, ch, eps=1e-6)
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(ch, config.context_dim, config.heads(ch)) for _ in range(config.transformer_depth))
+        self.proj_out = proj()
+
+    def forward(self, x, context):  # (B, C, h, w), (B, M, ctx) -> (B, C, h, w)
+        b, c, h, w = x.shape
+        t = self.norm(x)
+        if not self.linear:
+            t = self.proj_in(t)
+        t = t.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        if self.linear:
+            t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        if self.linear:
+            t = self.proj_out(t)
+        t = t.transpose(1, 2).reshape(b, c, h, w)
+        if not self.linear:
+            t = self.proj_out(t)
+        return x + t
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size=None):
+        # size: the next skip's (h, w), which differs from 2x when a latent side is not a multiple of 2^levels
+        x = F.interpolate(x, size=size, mode="nearest") if size is not None else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
+
+
+class TimestepBlock(nn.Sequential):
+    """A sequence of layers, each given what it needs: ResBlocks the time embedding, transformers the context."""
+
+    def forward(self, x, emb, context, size=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        mc, g, emb_dim = c.model_channels, c.norm_groups, 4 * c.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
+        skips, ch = [mc], mc  # channels of every skip, in the order the input blocks produce them
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [ResBlock(ch, mult * mc, emb_dim, g)]
+                ch = mult * mc
+                if level in c.attention_levels:
+                    layers.append(SpatialTransformer(ch, c))
+                self.input_blocks.append(TimestepBlock(*layers))
+                skips.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepBlock(Downsample(ch)))
+                skips.append(ch)
+
+        self.middle_block = TimestepBlock(ResBlock(ch, ch, emb_dim, g), SpatialTransformer(ch, c),
+                                          ResBlock(ch, ch, emb_dim, g))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for r in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skips.pop(), mult * mc, emb_dim, g)]
+                ch = mult * mc
+                if level in c.attention_levels:
+                    layers.append(SpatialTransformer(ch, c))
+                if level and r == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepBlock(*layers))
+
+        self.out = nn.Sequential(GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+
+    def forward(self, x, timesteps, context):
+        """(B, in, h, w), scalar or (B,) timesteps, (B, M, context_dim) -> (B, out, h, w) in x's dtype."""
+        dtype = self.out[2].weight.dtype
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        h, context = x.to(dtype), context.to(dtype)
+        hs = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)
+        return self.out(h).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- diffusers names
+
+_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def diffusers_renames(config: UNetConfig) -> dict[str, str]:
+    """Every diffusers UNet2DConditionModel key -> our key.
+
+    Module prefixes are mapped by loops over levels and blocks; the keys themselves come from our model built
+    on the meta device, so the table is exact (transformer internals share their names in both layouts)."""
+    n, levels = config.num_res_blocks + 1, len(config.channel_mult)
+    prefixes = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+                "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+                "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+                "middle_block.2": "mid_block.resnets.1"}
+    for level in range(levels):
+        att = level in config.attention_levels
+        for r in range(n - 1):
+            prefixes[f"input_blocks.{1 + level * n + r}.0"] = f"down_blocks.{level}.resnets.{r}"
+            prefixes[f"input_blocks.{1 + level * n + r}.1"] = f"down_blocks.{level}.attentions.{r}"
+        prefixes[f"input_blocks.{(level + 1) * n}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
+        u = levels - 1 - level  # diffusers numbers up blocks from the bottom
+        for r in range(n):
+            prefixes[f"output_blocks.{u * n + r}.0"] = f"up_blocks.{u}.resnets.{r}"
+            prefixes[f"output_blocks.{u * n + r}.1"] = f"up_blocks.{u}.attentions.{r}"
+        prefixes[f"output_blocks.{u * n + n - 1}.{2 if att else 1}.conv"] = f"up_blocks.{u}.upsamplers.0.conv"
+
+    with torch.device("meta"):
+        keys = list(UNet(config).state_dict())
+    table = {}
+    for key in keys:
+        parts = key.split(".")
+        # longest mapped prefix: "output_blocks.2.1.conv" (an Upsample) before "output_blocks.2.1" (attention)
+        cut = next(i for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in prefixes)
+        head, rest = prefixes[".".join(parts[:cut])], ".".join(parts[cut:])
+        for ours, theirs in _RESNET.items():
+            if rest.startswith(ours + "."):
+                rest = theirs + rest[len(ours):]
+        table[f"{head}.{rest}"] = key
+    return table
