@@ -1,0 +1,297 @@
+"""The SD1 VAE (AutoencoderKL): images <-> latents.
+
+Attribute paths are the original CompVis keys (after `first_stage_model.`), so an original checkpoint loads
+as is; a diffusers `vae/` folder is renamed once by `diffusers_renames`. Mid-block attention weights come
+either as 1x1 convs (C, C, 1, 1) or linear-shaped (C, C); `fix_shapes` makes them convs.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import SdgenError
+
+SD1_NORM_GROUPS = 32
+SD1_SCALING_FACTOR = 0.18215
+_ATTN_DIFFUSERS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+                   # names written by diffusers < 0.14, still found in some vae/ folders
+                   "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+_ATTN_PROJ = ("q", "k", "v", "proj_out")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2  # per encoder level; the decoder has one more per level
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, tuple]) -> "VAEConfig":
+        """Sizes from tensor shapes under our (original) key names, without the `first_stage_model.` prefix."""
+        try:
+            conv_in = shapes["encoder.conv_in.weight"]  # (ch, in, 3, 3)
+            ch = conv_in[0]
+            levels = 0
+            while f"encoder.down.{levels}.block.0.conv1.weight" in shapes:
+                levels += 1
+            blocks = 0
+            while f"encoder.down.0.block.{blocks}.conv1.weight" in shapes:
+                blocks += 1
+            ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels))
+            return cls(in_channels=conv_in[1], out_channels=shapes["decoder.conv_out.weight"][0],
+                       latent_channels=shapes["decoder.conv_in.weight"][1], ch=ch, ch_mult=ch_mult,
+                       num_res_blocks=blocks, norm_groups=SD1_NORM_GROUPS, scaling_factor=SD1_SCALING_FACTOR)
+        except KeyError as e:
+            raise SdgenError(f"VAE weights are incomplete: missing {e.args[0]}") from None
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "VAEConfig":
+        """From a diffusers `vae/config.json` (AutoencoderKL)."""
+        widths = tuple(config.get("block_out_channels", (64,)))
+        ch = widths[0]
+        if any(w % ch for w in widths):
+            raise SdgenError(f"VAE block_out_channels {widths} are not multiples of the first one")
+        if not config.get("use_quant_conv", True) or not config.get("use_post_quant_conv", True):
+            raise SdgenError("VAE without quant_conv/post_quant_conv is not an SD1 VAE")
+        if not config.get("mid_block_add_attention", True):
+            raise SdgenError("VAE without mid-block attention is not an SD1 VAE")
+        sf = config.get("scaling_factor")
+        return cls(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
+                   latent_channels=config.get("latent_channels", 4), ch=ch, ch_mult=tuple(w // ch for w in widths),
+                   num_res_blocks=config.get("layers_per_block", 1), norm_groups=config.get("norm_num_groups", 32),
+                   scaling_factor=SD1_SCALING_FACTOR if sf is None else float(sf))
+
+
+def diffusers_renames(config: VAEConfig) -> dict[str, str]:
+    """Every diffusers AutoencoderKL key -> our key."""
+    prefixes = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    n = len(config.ch_mult)
+    widths = [config.ch * m for m in config.ch_mult]
+
+    def resnet(src, dst, cin, cout):
+        for part in ("norm1", "conv1", "norm2", "conv2"):
+            prefixes[f"{src}.{part}"] = f"{dst}.{part}"
+        if cin != cout:
+            prefixes[f"{src}.conv_shortcut"] = f"{dst}.nin_shortcut"
+
+    for side in ("encoder", "decoder"):
+        prefixes[f"{side}.conv_in"] = f"{side}.conv_in"
+        prefixes[f"{side}.conv_norm_out"] = f"{side}.norm_out"
+        prefixes[f"{side}.conv_out"] = f"{side}.conv_out"
+        for j in range(2):
+            resnet(f"{side}.mid_block.resnets.{j}", f"{side}.mid.block_{j + 1}", widths[-1], widths[-1])
+        for src, dst in _ATTN_DIFFUSERS.items():
+            prefixes[f"{side}.mid_block.attentions.0.{src}"] = f"{side}.mid.attn_1.{dst}"
+
+    cin = config.ch
+    for i in range(n):
+        for j in range(config.num_res_blocks):
+            resnet(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", cin, widths[i])
+            cin = widths[i]
+        if i != n - 1:
+            prefixes[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+
+    # diffusers runs up_blocks 0..n-1 from the latent side; the original indexes `up` by resolution level
+    cin = widths[-1]
+    for k in range(n):
+        level = n - 1 - k
+        for j in range(config.num_res_blocks + 1):
+            resnet(f"decoder.up_blocks.{k}.resnets.{j}", f"decoder.up.{level}.block.{j}", cin, widths[level])
+            cin = widths[level]
+        if level != 0:
+            prefixes[f"decoder.up_blocks.{k}.upsamplers.0.conv"] = f"decoder.up.{level}.upsample.conv"
+
+    return {f"{src}.{p}": f"{dst}.{p}" for src, dst in prefixes.items() for p in ("weight", "bias")}
+
+
+def fix_shapes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Mid-block attention projections stored linear-shaped (C, C) or conv1d-shaped (C, C, 1) -> (C, C, 1, 1)."""
+    out = dict(state)
+    for key, t in state.items():
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[-3] == "attn_1" and parts[-2] in _ATTN_PROJ and parts[-1] == "weight" and t.ndim < 4:
+            out[key] = t.reshape(*t.shape, *(1,) * (4 - t.ndim))
+    return out
+
+
+class GroupNorm(nn.GroupNorm):
+    def forward(self, x):
+        # statistics in fp32: bf16/fp16 sums over 512x512 pixels lose too much
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return F.group_norm(x.to(wide), self.num_groups, self.weight.to(wide), self.bias.to(wide), self.eps).to(x.dtype)
+
+
+def _silu(x):
+    # in place on the fresh norm output when no graph is recorded: one less full-resolution buffer at 512px
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def _norm(channels, groups):
+    return GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = _norm(cin, groups)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = _norm(cout, groups)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv1(_silu(self.norm1(x)))
+        h = self.conv2(_silu(self.norm2(h)))
+        # in place into the fresh conv output (conv backward does not need it): saves a full-size buffer
+        return h.add_(self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):  # (B, C, H, W)
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        # (B, 1, HW, C); SDPA avoids materialising the 4096x4096 scores where a fused kernel exists
+        q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(-1, -2) for proj in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_out(y.transpose(-1, -2).reshape(b, c, h, w)).add_(x)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # the original pads right/bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(channels, groups):
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, groups)
+    mid.attn_1 = AttnBlock(channels, groups)
+    mid.block_2 = ResnetBlock(channels, channels, groups)
+    return mid
+
+
+def _run_mid(mid, x):
+    return mid.block_2(mid.attn_1(mid.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        g, widths = config.norm_groups, [config.ch * m for m in config.ch_mult]
+        self.conv_in = nn.Conv2d(config.in_channels, config.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = config.ch
+        for i, width in enumerate(widths):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                level.block.append(ResnetBlock(cin, width, g))
+                cin = width
+            if i != len(widths) - 1:
+                level.downsample = Downsample(width)
+            self.down.append(level)
+        self.mid = _mid(cin, g)
+        self.norm_out = _norm(cin, g)
+        self.conv_out = nn.Conv2d(cin, 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x):  # (B, in, H, W) -> (B, 2*latent, H/2^(L-1), W/2^(L-1))
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = _run_mid(self.mid, h)
+        return self.conv_out(_silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        g, widths = config.norm_groups, [config.ch * m for m in config.ch_mult]
+        cin = widths[-1]
+        self.conv_in = nn.Conv2d(config.latent_channels, cin, 3, padding=1)
+        self.mid = _mid(cin, g)
+        levels = []
+        for i in reversed(range(len(widths))):  # built from the latent side, indexed by resolution level
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                level.block.append(ResnetBlock(cin, widths[i], g))
+                cin = widths[i]
+            if i != 0:
+                level.upsample = Upsample(cin)
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(cin, g)
+        self.conv_out = nn.Conv2d(cin, config.out_channels, 3, padding=1)
+
+    def forward(self, z):  # (B, latent, h, w) -> (B, out, h*2^(L-1), w*2^(L-1))
+        h = _run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(_silu(self.norm_out(h)))
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        z = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+
+    def _param(self):
+        return self.post_quant_conv.weight
+
+    def encode_moments(self, images) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, 4, H/8, W/8), unscaled."""
+        p = self._param()
+        moments = self.quant_conv(self.encoder(images.to(p.device, p.dtype)))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, images) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> posterior mean * scaling_factor, (B, 4, H/8, W/8), as samplers expect."""
+        return self.encode_moments(images)[0] * self.config.scaling_factor
+
+    def decode(self, latents) -> Tensor:
+        """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1] but not clamped."""
+        p = self._param()
+        # unscale in the wider of the two dtypes, then run in the parameter dtype
+        wide = torch.promote_types(torch.promote_types(latents.dtype, p.dtype), torch.float32)
+        z = (latents.to(p.device, wide) / self.config.scaling_factor).to(p.dtype)
+        return self.decoder(self.post_quant_conv(z))
