@@ -29,8 +29,8 @@ class CLIPConfig:
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, tuple]) -> "CLIPConfig":
-        """Sizes from the tensor shapes (keys as in this module). Heads are not in the shapes: SD1's CLIP uses
-        64-dimensional heads, so num_heads = hidden_size // 64."""
+        """Sizes from the tensor shapes (keys as in this module). Heads are not in the shapes: the SD1 family
+        constant (12, CLIP ViT-L/14) applies."""
         try:
             vocab_size, hidden = shapes["text_model.embeddings.token_embedding.weight"]
             max_positions = shapes["text_model.embeddings.position_embedding.weight"][0]
@@ -40,7 +40,7 @@ class CLIPConfig:
         prefix = "text_model.encoder.layers."
         layers = {int(k[len(prefix):].split(".")[0]) for k in shapes if k.startswith(prefix)}
         return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_layers=len(layers),
-                   num_heads=max(1, hidden // 64), max_positions=max_positions)
+                   num_heads=cls.num_heads, max_positions=max_positions)
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "CLIPConfig":

@@ -593,7 +593,7 @@ def _from_diffusers(source, folder: Path, variant: str | None) -> Checkpoint:
     sched = folder / "scheduler" / "scheduler_config.json"
     tok = folder / "tokenizer"
     return Checkpoint(source=str(source), path=folder, format="diffusers", tensors=tensors, configs=configs,
-                      tokenizer_dir=tok if (tok / "vocab.json").is_file() else None,
+                      tokenizer_dir=tok if any((tok / f).is_file() for f in ("vocab.json", "tokenizer.json")) else None,
                       scheduler_config=_read_json(sched) if sched.is_file() else None,
                       ignored=sorted(ignored), dtype_on_disk=_dtype_summary(tensors))
 
