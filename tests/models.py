@@ -5,6 +5,7 @@ The original-layout single files are written by inverting sdgen's diffusers->ori
 original-layout checkpoints.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -74,6 +75,9 @@ def write_all_formats(folder: Path, inpainting=False) -> tuple[object, dict[str,
     paths = {"diffusers": folder / "diffusers", "safetensors": folder / "model.safetensors",
              "safetensors_fp16": folder / "model-fp16.safetensors", "ckpt": folder / "model.ckpt"}
     pipe.save_pretrained(paths["diffusers"])
+    # the real SD1.5 scheduler_config.json (diffusers 0.6.0) names no timestep_spacing: each scheduler then uses
+    # its own default, in diffusers and in sdgen alike (save_pretrained would write PNDM's "leading")
+    (paths["diffusers"] / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
     save_file(original_state_dict(pipe), paths["safetensors"])
     save_file(original_state_dict(pipe, torch.float16), paths["safetensors_fp16"])
     torch.save({"state_dict": original_state_dict(pipe), "global_step": 470000, "epoch": 6}, paths["ckpt"])

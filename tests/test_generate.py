@@ -33,7 +33,7 @@ def generators(n, seed=SEED):
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def test_image(seed, size=64, mode="RGB"):
+def make_image(seed, size=64, mode="RGB"):
     rng = np.random.default_rng(seed)
     if mode == "L":  # a mask: white (repaint) rectangle on black
         a = np.zeros((size, size), np.uint8)
@@ -71,7 +71,7 @@ def test_non_square_and_no_guidance(tiny, ours):
 @pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "euler_a"])
 def test_img2img_matches_diffusers(tiny, ours, sampler):
     ref = diffusers_pipeline("StableDiffusionImg2ImgPipeline", tiny[0], sampler)
-    init = test_image(5)
+    init = make_image(5)
     expected = ref(PROMPT, image=init, strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=10,
                    guidance_scale=7.5, num_images_per_prompt=2, generator=generators(2), output_type="latent").images
     got = ours.generate(PROMPT, NEGATIVE, steps=10, guidance_scale=7.5, sampler=sampler, seed=SEED, init_image=init,
@@ -82,7 +82,7 @@ def test_img2img_matches_diffusers(tiny, ours, sampler):
 @pytest.mark.parametrize("sampler,strength", [("euler", 1.0), ("ddim", 0.75), ("dpmpp_2m", 1.0)])
 def test_inpaint_ordinary_checkpoint_matches_diffusers(tiny, ours, sampler, strength):
     ref = diffusers_pipeline("StableDiffusionInpaintPipeline", tiny[0], sampler)
-    init, mask = test_image(6), test_image(0, mode="L")
+    init, mask = make_image(6), make_image(0, mode="L")
     expected = ref(PROMPT, image=init, mask_image=mask, strength=strength, negative_prompt=NEGATIVE, height=64, width=64,
                    num_inference_steps=8, guidance_scale=7.5, num_images_per_prompt=2, generator=generators(2),
                    output_type="latent").images
@@ -96,7 +96,7 @@ def test_inpaint_9_channel_checkpoint_matches_diffusers(tiny_inpaint, sampler, s
     ref = diffusers_pipeline("StableDiffusionInpaintPipeline", tiny_inpaint[0], sampler)
     ours = sdgen.load(str(tiny_inpaint[1]["safetensors"]))
     assert ours.spec.inpainting
-    init, mask = test_image(7), test_image(0, mode="L")
+    init, mask = make_image(7), make_image(0, mode="L")
     expected = ref(PROMPT, image=init, mask_image=mask, strength=strength, negative_prompt=NEGATIVE, height=64, width=64,
                    num_inference_steps=8, guidance_scale=7.5, num_images_per_prompt=2, generator=generators(2),
                    output_type="latent").images

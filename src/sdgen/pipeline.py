@@ -166,8 +166,8 @@ class Pipeline:
         self.last_seed = seed
         n = len(prompts) * batch_size
         # image i of the batch is prompt i // batch_size, as diffusers' num_images_per_prompt orders them
-        prompts = [p for p in prompts for _ in range(batch_size)]
-        negatives = [q for q in (negatives * len(prompts) if len(negatives) == 1 else negatives) for _ in range(batch_size)]
+        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+        prompts, negatives = ([q for q in qs for _ in range(batch_size)] for qs in (prompts, negatives))
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
 
         def noise(like):  # (B, C, h, w) standard normal, one CPU generator per image: same on any device
