@@ -94,10 +94,9 @@ def cmd_generate(a):
     pipeline.check_arguments([prompt], [a.negative_prompt], a.steps, a.guidance, a.sampler, a.schedule, a.seed,
                              a.batch_size, a.strength, init, mask, inpainting_model=False)
     seed = a.seed if a.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
+    pipe = pipeline.load(a.model, device=a.device, dtype=PRECISIONS[a.precision], log=log)
     if a.seed is None:
         log(f"seed: {seed}")
-
-    pipe = pipeline.load(a.model, device=a.device, dtype=PRECISIONS[a.precision], log=log)
     from tqdm import tqdm
 
     bar = tqdm(total=a.steps, desc="denoising", unit="step", file=sys.stderr, dynamic_ncols=True)

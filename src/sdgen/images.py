@@ -25,7 +25,9 @@ def open_image(path, what="image"):
             return im.copy()
     except SdgenError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # PIL refuses the header before we see the size
+        raise SdgenError(f"{path}: {what} is larger than the {MAX_PIXELS // 1_000_000} megapixels sdgen accepts") from None
+    except (OSError, ValueError) as e:
         raise SdgenError(f"{path}: not a readable {what} ({e.__class__.__name__}: {e})") from None
 
 
