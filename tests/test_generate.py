@@ -79,30 +79,27 @@ def test_img2img_matches_diffusers(tiny, ours, sampler):
     assert relerr(got, expected) < 2e-3
 
 
-@pytest.mark.parametrize("sampler,strength", [("euler", 1.0), ("ddim", 0.75), ("dpmpp_2m", 1.0)])
-def test_inpaint_ordinary_checkpoint_matches_diffusers(tiny, ours, sampler, strength):
-    ref = diffusers_pipeline("StableDiffusionInpaintPipeline", tiny[0], sampler)
-    init, mask = make_image(6), make_image(0, mode="L")
+def check_inpaint(ref_components, ours, sampler, strength, image_seed):
+    ref = diffusers_pipeline("StableDiffusionInpaintPipeline", ref_components, sampler)
+    init, mask = make_image(image_seed), make_image(0, mode="L")
     expected = ref(PROMPT, image=init, mask_image=mask, strength=strength, negative_prompt=NEGATIVE, height=64, width=64,
                    num_inference_steps=8, guidance_scale=7.5, num_images_per_prompt=2, generator=generators(2),
                    output_type="latent").images
     got = ours.generate(PROMPT, NEGATIVE, steps=8, guidance_scale=7.5, sampler=sampler, seed=SEED, init_image=init,
                         mask_image=mask, strength=strength, batch_size=2, output_type="latent")
     assert relerr(got, expected) < 2e-3
+
+
+@pytest.mark.parametrize("sampler,strength", [("euler", 1.0), ("ddim", 0.75), ("dpmpp_2m", 1.0)])
+def test_inpaint_ordinary_checkpoint_matches_diffusers(tiny, ours, sampler, strength):
+    check_inpaint(tiny[0], ours, sampler, strength, 6)
 
 
 @pytest.mark.parametrize("sampler,strength", [("euler", 1.0), ("ddim", 0.7)])
 def test_inpaint_9_channel_checkpoint_matches_diffusers(tiny_inpaint, sampler, strength):
-    ref = diffusers_pipeline("StableDiffusionInpaintPipeline", tiny_inpaint[0], sampler)
     ours = sdgen.load(str(tiny_inpaint[1]["safetensors"]))
     assert ours.spec.inpainting
-    init, mask = make_image(7), make_image(0, mode="L")
-    expected = ref(PROMPT, image=init, mask_image=mask, strength=strength, negative_prompt=NEGATIVE, height=64, width=64,
-                   num_inference_steps=8, guidance_scale=7.5, num_images_per_prompt=2, generator=generators(2),
-                   output_type="latent").images
-    got = ours.generate(PROMPT, NEGATIVE, steps=8, guidance_scale=7.5, sampler=sampler, seed=SEED, init_image=init,
-                        mask_image=mask, strength=strength, batch_size=2, output_type="latent")
-    assert relerr(got, expected) < 2e-3
+    check_inpaint(tiny_inpaint[0], ours, sampler, strength, 7)
 
 
 def test_pil_output_matches_diffusers(tiny, ours):
