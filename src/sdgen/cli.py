@@ -59,8 +59,8 @@ def build_parser():
     i = sub.add_parser("info", help="what a checkpoint holds")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
 
-    b = sub.add_parser("bench", help="time sdgen (and diffusers, when installed) on an SD1.5-size random model")
-    b.add_argument("args", nargs=argparse.REMAINDER, help="passed to benchmarks/bench.py (see --help there)")
+    sub.add_parser("bench", help="time sdgen against diffusers on an SD1.5-size random model (benchmarks/bench.py; "
+                                 "its options follow: sdgen bench --help)", add_help=False)
     return parser
 
 
@@ -164,20 +164,25 @@ def cmd_info(a):
     print(f"ignored:    {shown or 'nothing'}")
 
 
-def cmd_bench(a):
+def cmd_bench(args):
+    """Everything after `bench` goes to the benchmark script untouched."""
     import runpy
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
     if not script.is_file():
         raise SdgenError("sdgen bench runs benchmarks/bench.py from a source checkout; it is not in this install")
-    sys.argv = [str(script), *a.args]
+    sys.argv = [str(script), *args]
     runpy.run_path(str(script), run_name="__main__")
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["bench"]:
+            cmd_bench(argv[1:])
+            return 0
         a = build_parser().parse_args(argv)
-        {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}[a.command](a)
+        {"generate": cmd_generate, "info": cmd_info}[a.command](a)
         return 0
     except SdgenError as e:
         log(f"sdgen: error: {e}")
