@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import SdgenError
+from .layers import LayerNorm, Linear, work_dtype
 
 
 @dataclass(frozen=True)
@@ -90,19 +91,12 @@ def normalize_keys(keys) -> dict:
     return out
 
 
-def _layer_norm(norm: nn.LayerNorm, x):
-    # Statistics in fp32 whatever the parameter dtype: fp16 variance over 768 channels loses too much.
-    w = norm.weight.float()
-    b = norm.bias.float()
-    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         d = config.hidden_size
         self.num_heads = config.num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(d, d) for _ in range(4))
 
     def forward(self, x):  # (B, T, D) -> (B, T, D), causal
         b, t, d = x.shape
@@ -117,8 +111,8 @@ class MLP(nn.Module):
         if config.act not in ("quick_gelu", "gelu"):
             raise SdgenError(f"unsupported text encoder activation {config.act!r}")
         self.quick = config.act == "quick_gelu"
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x):
         x = self.fc1(x)
@@ -131,13 +125,13 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.self_attn = Attention(config)
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x):
-        x = x + self.self_attn(_layer_norm(self.layer_norm1, x))
-        return x + self.mlp(_layer_norm(self.layer_norm2, x))
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
 
 
 class Embeddings(nn.Module):
@@ -162,13 +156,14 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 class CLIPTextModel(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
+        self.compute_dtype = None  # None: compute in the parameters' dtype (see layers.py)
         self.text_model = TextTransformer(config)
 
     def forward(self, ids: torch.LongTensor, clip_skip: int = 1) -> torch.Tensor:
@@ -180,7 +175,7 @@ class CLIPTextModel(nn.Module):
             raise SdgenError(f"clip_skip must be between 1 and {n}, got {clip_skip}")
         if ids.shape[1] > self.config.max_positions:
             raise SdgenError(f"prompt has {ids.shape[1]} tokens, the text encoder takes at most {self.config.max_positions}")
-        x = tm.embeddings(ids)
+        x = tm.embeddings(ids).to(work_dtype(self, tm.final_layer_norm.weight))
         for layer in tm.encoder.layers[: n - (clip_skip - 1)]:
             x = layer(x)
-        return _layer_norm(tm.final_layer_norm, x)
+        return tm.final_layer_norm(x)

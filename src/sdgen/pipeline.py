@@ -42,24 +42,34 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """'auto': fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+def resolve_dtype(dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(storage dtype, compute dtype). 'auto' stores fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.
+
+    The weights are kept in the storage dtype; the arithmetic runs in the compute dtype (layers.py casts one
+    layer's weight at a time). On CUDA, and for bf16 on CPUs with native bf16, the two are the same. Other CPUs
+    emulate bf16/fp16 arithmetic 50-300x slower than fp32, so half-precision storage computes in fp32 there:
+    half the memory at full fp32 speed."""
     if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
+        storage = dtype
+    elif dtype in (None, "auto"):
         if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if dtype not in DTYPES:
+            storage = torch.float16
+        else:
+            storage = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    elif dtype in DTYPES:
+        storage = DTYPES[dtype]
+    else:
         raise SdgenError(f"unknown precision {dtype!r}: use one of float32, bfloat16, float16 (fp32, bf16, fp16)")
-    return DTYPES[dtype]
+    if device.type != "cpu" or storage.itemsize >= 4 or (storage == torch.bfloat16 and cpu_has_native_bf16()):
+        return storage, storage
+    return storage, torch.float32
 
 
 def load(model=None, device="cpu", dtype="float32", *, variant=None, log=None) -> "Pipeline":
     """Load an SD1 model from a single file, a diffusers folder or a Hugging Face repo id."""
     log = log or (lambda msg: None)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    dtype, compute = resolve_dtype(dtype, device)
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model, variant=variant)
     spec = detect(ckpt)
@@ -68,14 +78,19 @@ def load(model=None, device="cpu", dtype="float32", *, variant=None, log=None) -
     for name, cls, config in (("text_encoder", CLIPTextModel, spec.text_encoder), ("unet", UNet, spec.unet),
                               ("vae", VAE, spec.vae)):
         modules[name] = load_module(cls, config, ckpt.tensors[name], dtype=dtype, device=device, where=where).eval()
+        modules[name].compute_dtype = compute
     tokenizer = Tokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else Tokenizer.default()
     pipe = Pipeline(tokenizer=tokenizer, text_encoder=modules["text_encoder"], unet=modules["unet"], vae=modules["vae"],
                     spec=spec, scheduler=SchedulerConfig.from_diffusers(ckpt.scheduler_config),
                     checkpoint=ckpt, device=device, dtype=dtype)
     pipe.load_seconds = time.perf_counter() - t0
     log(f"loaded {ckpt.path.name} ({ckpt.format}, {spec.family}{' inpainting' if spec.inpainting else ''}) as "
-        f"{str(dtype).removeprefix('torch.')} on {device} in {pipe.load_seconds:.1f} s")
+        f"{str(dtype).removeprefix('torch.')}{_computed_in(dtype, compute)} on {device} in {pipe.load_seconds:.1f} s")
     return pipe
+
+
+def _computed_in(storage, compute) -> str:
+    return "" if compute == storage else f" (computed in {str(compute).removeprefix('torch.')})"
 
 
 @dataclass
@@ -110,16 +125,16 @@ class Pipeline:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
-        return self.vae.decode(latents.to(self.device, self.dtype)).float()
+        return self.vae.decode(latents.to(self.device)).float()
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> posterior mean times the scaling factor, (B, 4, H/8, W/8)."""
-        return self.vae.encode(images.to(self.device, self.dtype)).float()
+        return self.vae.encode(images.to(self.device)).float()
 
     def _encode_sample(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A posterior sample of one image (1, 3, H, W), drawing from `generator` as diffusers does."""
-        mean, logvar = self.vae.encode_moments(image.to(self.device, self.dtype))
+        mean, logvar = self.vae.encode_moments(image.to(self.device))
         eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(self.device)
         return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * self.spec.vae.scaling_factor
 
@@ -214,9 +229,10 @@ class Pipeline:
         self.timings["denoise"] = time.perf_counter() - t0
 
     def _unet_fn(self):
-        """The UNet as the denoiser sees it: fp32 in, fp32 out, whatever the weights' dtype."""
+        """The UNet as the denoiser sees it: fp32 in, fp32 out, whatever the weights' dtype (the UNet casts its
+        inputs to its compute dtype and its output back to x's dtype)."""
         def call(x, t, context):
-            return self.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
+            return self.unet(x, t, context).float()
         return call
 
     def _warn_if_truncated(self, prompts):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import SdgenError
+from .layers import Conv2d, GroupNorm, LayerNorm, Linear, silu_, upsample_conv, work_dtype
 
 
 @dataclass(frozen=True)
@@ -117,20 +118,6 @@ class UNetConfig:
 # ---------------------------------------------------------------------------------------------- layers
 
 
-class GroupNorm(nn.GroupNorm):
-    """Statistics in fp32 whatever the parameter dtype: fp16 variance overflows on real activations."""
-
-    def forward(self, x):
-        w, b = self.weight.float(), self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
-class LayerNorm(nn.LayerNorm):
-    def forward(self, x):
-        w, b = self.weight.float(), self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
-
-
 def timestep_embedding(t, dim, max_period=10000):
     """(B,) float -> (B, dim) fp32: [cos, sin] of t * max_period^(-i/half), as diffusers with
     flip_sin_to_cos=True, downscale_freq_shift=0 (and CompVis `timestep_embedding`)."""
@@ -143,25 +130,28 @@ def timestep_embedding(t, dim, max_period=10000):
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb_dim, groups):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.in_layers = nn.Sequential(GroupNorm(groups, cin), nn.SiLU(), Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_dim, cout))
         self.out_layers = nn.Sequential(GroupNorm(groups, cout), nn.SiLU(), nn.Identity(),  # .2 is dropout
-                                        nn.Conv2d(cout, cout, 3, padding=1))
-        self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+                                        Conv2d(cout, cout, 3, padding=1))
+        self.skip_connection = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):  # (B, cin, h, w), (B, emb_dim) -> (B, cout, h, w)
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # the Sequentials only carry the checkpoint names; run by hand to act in place on fresh buffers
+        h = self.in_layers[2](silu_(self.in_layers[0](x)))
+        h = h.add_(self.emb_layers[1](F.silu(emb))[:, :, None, None])
+        h = self.out_layers[3](silu_(self.out_layers[0](h)))
+        return h.add_(self.skip_connection(x))  # conv backward does not need its output: add in place
 
 
 class CrossAttention(nn.Module):
     def __init__(self, dim, context_dim, heads):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim, dim, bias=False)
+        self.to_v = Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(Linear(dim, dim))
 
     def forward(self, x, context=None):  # (B, N, dim), (B, M, context_dim) -> (B, N, dim)
         context = x if context is None else context
@@ -175,17 +165,17 @@ class CrossAttention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim, inner):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return F.gelu(gate).mul_(x)  # into the fresh gelu output: one (N, inner) buffer less
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))  # .1 is dropout
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim))  # .1 is dropout
 
     def forward(self, x):
         return self.net(x)
@@ -200,16 +190,17 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # residuals added into the fresh output of each branch's last Linear (its backward does not need it)
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
     def __init__(self, ch, config: UNetConfig):
         super().__init__()
         self.linear = config.linear_proj  # SD2 projects with Linear, SD1 with 1x1 convs: same maths
-        proj = (lambda: nn.Linear(ch, ch)) if self.linear else (lambda: nn.Conv2d(ch, ch, 1))
+        proj = (lambda: Linear(ch, ch)) if self.linear else (lambda: Conv2d(ch, ch, 1))
         self.norm = GroupNorm(config.norm_groups, ch, eps=1e-6)
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
@@ -221,23 +212,23 @@ class SpatialTransformer(nn.Module):
         t = self.norm(x)
         if not self.linear:
             t = self.proj_in(t)
-        t = t.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        t = t.flatten(2).transpose(1, 2)  # (B, h*w, C); a free view when x is channels_last
         if self.linear:
             t = self.proj_in(t)
         for block in self.transformer_blocks:
             t = block(t, context)
         if self.linear:
             t = self.proj_out(t)
-        t = t.transpose(1, 2).reshape(b, c, h, w)
+        t = t.transpose(1, 2).reshape(b, c, h, w)  # a channels_last view of the contiguous (B, h*w, C)
         if not self.linear:
             t = self.proj_out(t)
-        return x + t
+        return t.add_(x)
 
 
 class Downsample(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.op = Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -246,12 +237,11 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x, size=None):
         # size: the next skip's (h, w), which differs from 2x when a latent side is not a multiple of 2^levels
-        x = F.interpolate(x, size=size, mode="nearest") if size is not None else F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x)
+        return upsample_conv(x, self.conv, size)
 
 
 class TimestepBlock(nn.Sequential):
@@ -278,9 +268,10 @@ class UNet(nn.Module):
         super().__init__()
         self.config = c = config
         mc, g, emb_dim = c.model_channels, c.norm_groups, 4 * c.model_channels
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.compute_dtype = None  # None: compute in the parameters' dtype (see layers.py)
+        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
 
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepBlock(Conv2d(c.in_channels, mc, 3, padding=1))])
         skips, ch = [mc], mc  # channels of every skip, in the order the input blocks produce them
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
@@ -308,14 +299,17 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
 
-        self.out = nn.Sequential(GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(g, ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
 
     def forward(self, x, timesteps, context):
         """(B, in, h, w), scalar or (B,) timesteps, (B, M, context_dim) -> (B, out, h, w) in x's dtype."""
-        dtype = self.out[2].weight.dtype
+        dtype = work_dtype(self, self.out[2].weight)
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
-        h, context = x.to(dtype), context.to(dtype)
+        # channels_last: oneDNN convolutions run without reordering activations, and the transformers'
+        # (B, C, h, w) <-> (B, h*w, C) transposes become free views
+        h = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        context = context.to(dtype)
         hs = []
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -323,7 +317,8 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)
-        return self.out(h).to(x.dtype)
+        h = self.out[2](silu_(self.out[0](h)))
+        return h.to(x.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- diffusers names

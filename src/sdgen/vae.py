@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import SdgenError
+from .layers import Conv2d, GroupNorm, silu_, upsample_conv, work_dtype
 
 SD1_NORM_GROUPS = 32
 SD1_SCALING_FACTOR = 0.18215
@@ -122,18 +123,6 @@ def fix_shapes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-class GroupNorm(nn.GroupNorm):
-    def forward(self, x):
-        # statistics in fp32: bf16/fp16 sums over 512x512 pixels lose too much
-        wide = torch.promote_types(x.dtype, torch.float32)
-        return F.group_norm(x.to(wide), self.num_groups, self.weight.to(wide), self.bias.to(wide), self.eps).to(x.dtype)
-
-
-def _silu(x):
-    # in place on the fresh norm output when no graph is recorded: one less full-resolution buffer at 512px
-    return F.silu(x, inplace=not torch.is_grad_enabled())
-
-
 def _norm(channels, groups):
     return GroupNorm(groups, channels, eps=1e-6)
 
@@ -142,15 +131,15 @@ class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
         self.norm1 = _norm(cin, groups)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.norm2 = _norm(cout, groups)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
-            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+            self.nin_shortcut = Conv2d(cin, cout, 1)
 
     def forward(self, x):
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        h = self.conv1(silu_(self.norm1(x)))
+        h = self.conv2(silu_(self.norm2(h)))
         # in place into the fresh conv output (conv backward does not need it): saves a full-size buffer
         return h.add_(self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x)
 
@@ -161,7 +150,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = _norm(channels, groups)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+        self.q, self.k, self.v, self.proj_out = (Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x):  # (B, C, H, W)
         b, c, h, w = x.shape
@@ -175,7 +164,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # the original pads right/bottom only
@@ -184,10 +173,10 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(x, self.conv)
 
 
 def _mid(channels, groups):
@@ -206,7 +195,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         g, widths = config.norm_groups, [config.ch * m for m in config.ch_mult]
-        self.conv_in = nn.Conv2d(config.in_channels, config.ch, 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, config.ch, 3, padding=1)
         self.down = nn.ModuleList()
         cin = config.ch
         for i, width in enumerate(widths):
@@ -220,7 +209,7 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = _mid(cin, g)
         self.norm_out = _norm(cin, g)
-        self.conv_out = nn.Conv2d(cin, 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(cin, 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x):  # (B, in, H, W) -> (B, 2*latent, H/2^(L-1), W/2^(L-1))
         h = self.conv_in(x)
@@ -230,7 +219,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = _run_mid(self.mid, h)
-        return self.conv_out(_silu(self.norm_out(h)))
+        return self.conv_out(silu_(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -238,7 +227,7 @@ class Decoder(nn.Module):
         super().__init__()
         g, widths = config.norm_groups, [config.ch * m for m in config.ch_mult]
         cin = widths[-1]
-        self.conv_in = nn.Conv2d(config.latent_channels, cin, 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, cin, 3, padding=1)
         self.mid = _mid(cin, g)
         levels = []
         for i in reversed(range(len(widths))):  # built from the latent side, indexed by resolution level
@@ -252,7 +241,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(cin, g)
-        self.conv_out = nn.Conv2d(cin, config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(cin, config.out_channels, 3, padding=1)
 
     def forward(self, z):  # (B, latent, h, w) -> (B, out, h*2^(L-1), w*2^(L-1))
         h = _run_mid(self.mid, self.conv_in(z))
@@ -261,7 +250,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(_silu(self.norm_out(h)))
+        return self.conv_out(silu_(self.norm_out(h)))
 
 
 class VAE(nn.Module):
@@ -271,16 +260,25 @@ class VAE(nn.Module):
         z = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
-        self.post_quant_conv = nn.Conv2d(z, z, 1)
+        self.quant_conv = Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = Conv2d(z, z, 1)
 
-    def _param(self):
-        return self.post_quant_conv.weight
+        self.compute_dtype = None  # None: compute in the parameters' dtype (see layers.py)
+
+    def _place(self, x, scale=1.0) -> Tensor:
+        """x on the weights' device, divided by `scale` in at least fp32, then in the compute dtype. Kept NCHW, unlike
+        the UNet: PyTorch's channels_last CPU GroupNorm sums x and x^2 in fp32, 1e-4 off at 512x512 (NCHW: 1e-7),
+        and is 2x slower there, which eats the convolutions' gain."""
+        p = self.post_quant_conv.weight
+        dtype = work_dtype(self, p)
+        if scale != 1.0:
+            wide = torch.promote_types(torch.promote_types(x.dtype, dtype), torch.float32)
+            x = x.to(p.device, wide) / scale
+        return x.to(p.device, dtype)
 
     def encode_moments(self, images) -> tuple[Tensor, Tensor]:
         """(B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, 4, H/8, W/8), unscaled."""
-        p = self._param()
-        moments = self.quant_conv(self.encoder(images.to(p.device, p.dtype)))
+        moments = self.quant_conv(self.encoder(self._place(images)))
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -289,9 +287,6 @@ class VAE(nn.Module):
         return self.encode_moments(images)[0] * self.config.scaling_factor
 
     def decode(self, latents) -> Tensor:
-        """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1] but not clamped."""
-        p = self._param()
-        # unscale in the wider of the two dtypes, then run in the parameter dtype
-        wide = torch.promote_types(torch.promote_types(latents.dtype, p.dtype), torch.float32)
-        z = (latents.to(p.device, wide) / self.config.scaling_factor).to(p.dtype)
+        """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in the compute dtype, roughly in [-1, 1], not clamped."""
+        z = self._place(latents, self.config.scaling_factor)
         return self.decoder(self.post_quant_conv(z))
