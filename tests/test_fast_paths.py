@@ -8,6 +8,7 @@ import torch
 import reference
 import sdgen
 from sdgen import pipeline
+from reference import relerr
 from sdgen.layers import Conv2d, upsample_conv
 from sdgen.clip import CLIPConfig, CLIPTextModel, diffusers_renames as clip_renames
 from sdgen.unet import ResBlock, SpatialTransformer, UNet, UNetConfig, diffusers_renames as unet_renames
@@ -208,3 +209,33 @@ def test_upsample_conv_equals_upsample_then_conv(shape):
     torch.nn.functional.conv2d(torch.nn.functional.interpolate(xr, scale_factor=2.0), conv.weight, conv.bias,
                                padding=1).square().sum().backward()
     assert reference.relerr(xg.grad, xr.grad) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 37, 23, 32), (2, 32, 16, 16, 3)])
+def test_banded_norm_silu_conv_equals_plain(monkeypatch, shape):
+    """The VAE's memory-bounded norm -> SiLU -> conv (row bands with a halo) is the plain composition."""
+    from sdgen import layers
+
+    monkeypatch.setattr(layers, "BAND_ELEMENTS", 1 << 12)  # force many bands on a small tensor
+    b, c, h, w, o = shape
+    torch.manual_seed(0)
+    norm, conv = layers.GroupNorm(32, c, eps=1e-6), layers.Conv2d(c, o, 3, padding=1)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+        x = torch.randn(b, c, h, w) * 3 + 5  # a large mean, as real activations have
+        expected = conv(torch.nn.functional.silu(norm(x)))
+    with torch.inference_mode():
+        got = layers.norm_silu_conv(x, norm, conv)
+    assert relerr(got, expected) < 1e-5
+
+
+def test_vae_decode_with_bands_matches_diffusers(monkeypatch, vae_state):
+    from sdgen import layers
+
+    monkeypatch.setattr(layers, "BAND_ELEMENTS", 1 << 14)
+    ref, config, state = vae_state
+    ours = build(VAE, config, state)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        got = ours.decode(z)
+    assert relerr(got, ref.decode(z / ref.config.scaling_factor).sample.detach()) < 1e-4

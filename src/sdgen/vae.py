@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import SdgenError
-from .layers import Conv2d, GroupNorm, silu_, upsample_conv, work_dtype
+from .layers import Conv2d, GroupNorm, norm_silu_conv, silu_, upsample_conv, work_dtype
 
 SD1_NORM_GROUPS = 32
 SD1_SCALING_FACTOR = 0.18215
@@ -138,8 +138,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = Conv2d(cin, cout, 1)
 
     def forward(self, x):
-        h = self.conv1(silu_(self.norm1(x)))
-        h = self.conv2(silu_(self.norm2(h)))
+        h = norm_silu_conv(x, self.norm1, self.conv1)
+        h = norm_silu_conv(h, self.norm2, self.conv2)
         # in place into the fresh conv output (conv backward does not need it): saves a full-size buffer
         return h.add_(self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x)
 
@@ -219,7 +219,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = _run_mid(self.mid, h)
-        return self.conv_out(silu_(self.norm_out(h)))
+        return norm_silu_conv(h, self.norm_out, self.conv_out)
 
 
 class Decoder(nn.Module):
@@ -250,7 +250,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(silu_(self.norm_out(h)))
+        return norm_silu_conv(h, self.norm_out, self.conv_out)
 
 
 class VAE(nn.Module):
