@@ -104,6 +104,8 @@ def cmd_generate(a):
     def progress(i, n):
         bar.total = n
         bar.update(i - bar.n)
+        if i == n:
+            bar.close()  # the bar times the denoising alone; the stage times follow at the end
 
     started = time.perf_counter()
     with _warnings_as_log():
