@@ -326,7 +326,7 @@ def table(args, med, sizes):
         rows.append((f"whole image {{px}}x{{px}}, {args.steps} euler steps, CFG {GUIDANCE} (first after load)", "image",
                      False))
         if args.warm_image:
-            rows.append((f"whole image, again after the stages (warm)", "image_warm", False))
+            rows.append(("whole image, again after the stages (warm)", "image_warm", False))
     h, px = lat["sdgen"], sizes["sdgen"]
     lines = ["| stage | sdgen | diffusers | sdgen/diffusers |", "|---|---:|---:|---:|"]
     for label, key, first in rows:
@@ -467,7 +467,7 @@ def main(argv=None):
         print()
         print(f"- machine: {info['cpu']}, {info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable), "
               f"{info.get('mem_total_gib', '?')} GiB RAM")
-        print(f"- CPU flags: " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in fl.items())
+        print("- CPU flags: " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in fl.items())
               + (" (bf16 is emulated here)" if not info["native_bf16"] else ""))
         v = info["versions"]
         print(f"- torch {v['torch']}, {', '.join(map(str, threads)) or '?'} thread(s); diffusers {v['diffusers']}, "

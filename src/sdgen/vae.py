@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import SdgenError
-from .layers import Conv2d, GroupNorm, norm_silu_conv, silu_, upsample_conv, work_dtype
+from .layers import Conv2d, GroupNorm, norm_silu_conv, upsample_conv, work_dtype
 
 SD1_NORM_GROUPS = 32
 SD1_SCALING_FACTOR = 0.18215
