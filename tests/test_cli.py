@@ -132,3 +132,13 @@ def test_info(model, capsys):
     assert main(["info", model]) == 0
     out = capsys.readouterr().out
     assert "sd1" in out and "safetensors" in out and "ignored:" in out and "betas" in out
+
+
+def test_unreachable_hub_is_one_line_without_retries(tmp_path):
+    """Offline without HF_HUB_OFFLINE: one line, at once (not the hub client's retries and warnings)."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens on port 9
+    r = subprocess.run([sys.executable, "-m", "sdgen.cli", "generate", "a cat"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "not in the local Hugging Face cache" in r.stderr

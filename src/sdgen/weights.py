@@ -628,6 +628,20 @@ def _hub_patterns(variant: str | None, names: set[str] | None) -> list[str]:
     return patterns
 
 
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Can the hub's host be resolved and reached? Offline, this answers in moments instead of the hub client's
+    half a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _from_hub(repo: str, variant: str | None) -> Checkpoint:
     try:
         from huggingface_hub import HfApi, constants, snapshot_download
@@ -647,8 +661,11 @@ def _from_hub(repo: str, variant: str | None) -> Checkpoint:
         except SdgenError:
             if constants.HF_HUB_OFFLINE:  # what the cache holds is all there is
                 raise
-    if constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
         raise SdgenError(offline_hint)
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its retry warnings would bury our one line
     try:
         names = set(HfApi().list_repo_files(repo))
         folder = Path(snapshot_download(repo, allow_patterns=_hub_patterns(variant, names)))
