@@ -1,5 +1,6 @@
 """The command line: PNG and metadata, determinism, no overwriting, one clear line for every bad input."""
 
+import os
 import subprocess
 import sys
 
@@ -123,7 +124,7 @@ def test_offline_missing_hub_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     r = subprocess.run([sys.executable, "-m", "sdgen.cli", "generate", "a cat", "--steps", "1"],
-                       capture_output=True, text=True, env={**__import__("os").environ})
+                       capture_output=True, text=True, env={**os.environ})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "stable-diffusion-v1-5" in r.stderr and "--model" in r.stderr
 
@@ -136,7 +137,7 @@ def test_info(model, capsys):
 
 def test_unreachable_hub_is_one_line_without_retries(tmp_path):
     """Offline without HF_HUB_OFFLINE: one line, at once (not the hub client's retries and warnings)."""
-    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_OFFLINE"}
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens on port 9
     r = subprocess.run([sys.executable, "-m", "sdgen.cli", "generate", "a cat"], capture_output=True, text=True,
                        env=env, timeout=60)

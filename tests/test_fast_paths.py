@@ -123,7 +123,7 @@ def test_load_bf16_stores_bf16_computes_fp32(tiny):
         got = pipe.unet(x, 10, ctx)
         want = ref.unet(x, 10, encoder_hidden_states=ctx).sample
     assert got.dtype == torch.float32 and reference.relerr(got, want) < 2e-2
-    assert pipe._unet_fn()(x, 10, ctx).dtype == torch.float32
+    assert pipe.unet(x, 10, ctx).dtype == torch.float32
     images = pipe.decode(torch.randn(1, 4, 8, 8))
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
     fp32 = sdgen.load(str(paths["safetensors"]), dtype="float32")

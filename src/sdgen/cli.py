@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ class Parser(argparse.ArgumentParser):
         raise SdgenError(f"{message} (see '{self.prog} --help')")
 
 
-def positive_float(text):
+def number(text):
     try:
         return float(text)
     except ValueError:
@@ -39,7 +40,7 @@ def build_parser():
     g.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help="a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id (default: %(default)s)")
     g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", "--cfg", type=positive_float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--guidance", "--cfg", type=number, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--sampler", default="euler", help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpmpp_2m, unipc, lcm")
     g.add_argument("--schedule", default="normal", help="normal or karras")
     g.add_argument("--seed", type=int, help="random when omitted (printed)")
@@ -47,7 +48,7 @@ def build_parser():
     g.add_argument("-H", "--height", type=int, help="multiple of 8 (default 512, or the init image's height)")
     g.add_argument("-b", "--batch-size", type=int, default=1)
     g.add_argument("--init-image", help="img2img: the starting image")
-    g.add_argument("--strength", type=positive_float, default=0.8, help="img2img/inpainting: how much to change (0..1)")
+    g.add_argument("--strength", type=number, default=0.8, help="img2img/inpainting: how much to change (0..1)")
     g.add_argument("--mask", help="inpainting: white = repaint, black = keep (same size as the init image)")
     g.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer (default), 2 = penultimate")
     g.add_argument("--precision", choices=list(PRECISIONS), default="auto",
@@ -77,8 +78,6 @@ def cmd_generate(a):
         raise SdgenError("no prompt: sdgen generate \"a cat on a beach\"")
     if a.prompt is not None and a.prompt_pos is not None:
         raise SdgenError("give the prompt once: either as an argument or with --prompt")
-    if a.schedule not in ("normal", "karras"):
-        raise SdgenError(f"unknown schedule {a.schedule!r}: choose normal or karras")
     if a.clip_skip not in (1, 2, 3, 4):
         raise SdgenError(f"clip skip must be 1 to 4, not {a.clip_skip}")
     output = Path(a.output)
@@ -93,7 +92,7 @@ def cmd_generate(a):
     pipeline.check_size(width, height)
     pipeline.check_arguments([prompt], [a.negative_prompt], a.steps, a.guidance, a.sampler, a.schedule, a.seed,
                              a.batch_size, a.strength, init, mask, inpainting_model=False)
-    seed = a.seed if a.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
+    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     pipe = pipeline.load(a.model, device=a.device, dtype=PRECISIONS[a.precision], log=log)
     if a.seed is None:
         log(f"seed: {seed}")
@@ -157,7 +156,7 @@ def cmd_info(a):
     for name in ("text_encoder", "unet", "vae"):
         count = sum(math.prod(s) for s in ckpt.shapes(name).values())
         total += count
-        print(f"{name + ':':<12}{count:>13,} parameters  {getattr(spec, name if name != 'text_encoder' else 'text_encoder')}")
+        print(f"{name + ':':<12}{count:>13,} parameters  {getattr(spec, name)}")
     print(f"{'total:':<12}{total:>13,} parameters")
     print(f"tokenizer:  {ckpt.tokenizer_dir or 'built-in CLIP vocabulary'}")
     print(f"scheduler:  {'from ' + str(ckpt.path / 'scheduler') if ckpt.scheduler_config else 'SD1.5 defaults'}")

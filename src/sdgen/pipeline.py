@@ -178,7 +178,6 @@ class Pipeline:
         if seed is None:
             seed = torch.seed() % 2**32
         self.timings = {}
-        self.last_seed = seed
         n = len(prompts) * batch_size
         # image i of the batch is prompt i // batch_size, as diffusers' num_images_per_prompt orders them
         negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
@@ -209,7 +208,7 @@ class Pipeline:
             image_latents = self._encode_sample(image, generators[0]).expand(n, -1, -1, -1)
         noise0 = noise(torch.empty(latent_shape, device=self.device))
         x = p.start(noise0, None if full else image_latents)
-        unet = self._unet_fn()
+        unet = self.unet  # fp32 latents in, fp32 out, whatever the weights' dtype
         if inpaint:
             m = images.mask_to_tensor(mask, width, height)
             masked = self._encode_sample(image * (m < 0.5), generators[0]).expand(n, -1, -1, -1)
@@ -227,13 +226,6 @@ class Pipeline:
                 x.copy_((1 - m_lat) * p.noised(image_latents, noise0, i) + m_lat * x)
             yield x, i, total
         self.timings["denoise"] = time.perf_counter() - t0
-
-    def _unet_fn(self):
-        """The UNet as the denoiser sees it: fp32 in, fp32 out, whatever the weights' dtype (the UNet casts its
-        inputs to its compute dtype and its output back to x's dtype)."""
-        def call(x, t, context):
-            return self.unet(x, t, context).float()
-        return call
 
     def _warn_if_truncated(self, prompts):
         limit = self.tokenizer.max_length - 2

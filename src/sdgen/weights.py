@@ -353,31 +353,39 @@ def _read_zip(path: Path):
             program = z.read(pkls[0])
         except Exception as e:  # noqa: BLE001 - truncated/corrupt member
             raise _bad(path, f"corrupt zip archive ({type(e).__name__}: {e})") from None
-        mapped, storages = _Mapped(path), {}
+        mapped = _Mapped(path)
 
-        def storage_for(args):
-            stype, key, _location, numel = args[:4]
-            if not isinstance(stype, _StorageType):
-                raise _Refused("a storage of an unknown type")
-            if key not in storages:
-                info = infos.get(f"{prefix}data/{key}")
-                if info is None:
-                    raise _bad(path, f"storage {key} is missing from the archive (truncated?)")
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise _bad(path, f"storage {key} is compressed; torch.save never does that")
-                f.seek(info.header_offset)
-                head = f.read(30)
-                if len(head) < 30 or head[:4] != b"PK\x03\x04":
-                    raise _bad(path, f"corrupt zip entry for storage {key}")
-                n_name, n_extra = struct.unpack("<HH", head[26:30])
-                offset = info.header_offset + 30 + n_name + n_extra
-                nbytes = int(numel) * _itemsize(stype.dtype)
-                if nbytes > info.file_size or offset + nbytes > mapped.size:
-                    raise _bad(path, f"storage {key} claims {nbytes} bytes but holds {info.file_size}: truncated")
-                storages[key] = _Storage(mapped, offset, nbytes, stype.dtype)
-            return storages[key]
+        def zip_storage(key, nbytes, dtype):
+            info = infos.get(f"{prefix}data/{key}")
+            if info is None:
+                raise _bad(path, f"storage {key} is missing from the archive (truncated?)")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise _bad(path, f"storage {key} is compressed; torch.save never does that")
+            f.seek(info.header_offset)
+            head = f.read(30)
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                raise _bad(path, f"corrupt zip entry for storage {key}")
+            n_name, n_extra = struct.unpack("<HH", head[26:30])
+            offset = info.header_offset + 30 + n_name + n_extra
+            if nbytes > info.file_size or offset + nbytes > mapped.size:
+                raise _bad(path, f"storage {key} claims {nbytes} bytes but holds {info.file_size}: truncated")
+            return _Storage(mapped, offset, nbytes, dtype)
 
-        return _unpickle(path, io.BytesIO(program), storage_for)
+        return _unpickle(path, io.BytesIO(program), _storage_table(zip_storage, {}))
+
+
+def _storage_table(make, storages: dict):
+    """The pickle's persistent-id hook: one storage per key in `storages`, made by make(key, nbytes, dtype) on
+    first sight."""
+    def storage_for(args):
+        stype, key, _location, numel = args[:4]
+        if not isinstance(stype, _StorageType):
+            raise _Refused("a storage of an unknown type")
+        if key not in storages:
+            storages[key] = make(key, int(numel) * _itemsize(stype.dtype), stype.dtype)
+        return storages[key]
+
+    return storage_for
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -400,16 +408,8 @@ def _read_legacy(path: Path, size: int):
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             raise _bad(path, "was saved on a big-endian machine; re-save it as safetensors")
         mapped, storages = _Mapped(path), {}
-
-        def storage_for(args):
-            stype, key, _location, numel = args[:4]
-            if not isinstance(stype, _StorageType):
-                raise _Refused("a storage of an unknown type")
-            if key not in storages:
-                storages[key] = _Storage(mapped, None, int(numel) * _itemsize(stype.dtype), stype.dtype)
-            return storages[key]
-
-        obj = _unpickle(path, f, storage_for)
+        obj = _unpickle(path, f, _storage_table(lambda key, nbytes, dtype: _Storage(mapped, None, nbytes, dtype),
+                                                storages))
         keys = _unpickle(path, f)
         if not isinstance(keys, list):
             raise _bad(path, "corrupt legacy checkpoint (no storage list)")
