@@ -191,9 +191,8 @@ def worker(job):
         import sdgen
         out["import"] = time.perf_counter() - t0
         out["load"], pipe = timed(lambda: sdgen.load(model, dtype=PRECISIONS[job["precision"]]))
-        scale = pipe.spec.vae.scaling_factor
-        compute = getattr(pipe.unet, "compute_dtype", None)  # weights stored in one dtype may compute in another
-        out["compute_dtype"] = str(compute or dtype).removeprefix("torch.")
+        scale = pipe.vae.config.scaling_factor
+        out["compute_dtype"] = str(pipe.precision.compute).removeprefix("torch.")  # may differ from the storage
 
         def text():
             return pipe.encode_prompt([PROMPT]), pipe.encode_prompt([NEGATIVE])
@@ -205,8 +204,10 @@ def worker(job):
             return pipe.decode(z)
 
         def image():
-            return pipe.generate(PROMPT, NEGATIVE, steps=steps, guidance_scale=GUIDANCE, sampler="euler", seed=SEED,
-                                 width=size, height=size, output_type="pil")[0]
+            result = pipe.generate(PROMPT, NEGATIVE, steps=steps, guidance_scale=GUIDANCE, sampler="euler",
+                                   seed=SEED, width=size, height=size, output_type="pil")
+            out["image_parts"] = dict(result.timings)
+            return result.images[0]
     else:
         import diffusers
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
@@ -242,8 +243,6 @@ def worker(job):
             cpu0 = time.process_time()
             out["image"], img = timed(image)  # first thing after the load: includes any warm-up
             out["image_cores"] = (time.process_time() - cpu0) / out["image"]  # below `threads`: CPUs were busy
-            if engine == "sdgen":
-                out["image_parts"] = dict(pipe.timings)
             if job.get("save_image"):
                 img.save(job["save_image"])
         if job["stages"]:

@@ -82,9 +82,8 @@ def write_random_safetensors(path: Path, shapes: dict):
 
 CHILD = r"""
 import json, resource, sys, time, torch
-from sdgen.spec import detect
-from sdgen.weights import load_module, open_checkpoint
-from sdgen import clip, unet, vae
+from sdgen.families import open_checkpoint
+from sdgen.precision import Precision
 def status(field):  # this process's own numbers (ru_maxrss can carry the parent's peak over fork+exec)
     try:
         return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
@@ -93,10 +92,7 @@ def status(field):  # this process's own numbers (ru_maxrss can carry the parent
 rss0 = status("VmRSS:")
 t0 = time.perf_counter()
 ckpt = open_checkpoint(sys.argv[1])
-spec = detect(ckpt)
-mods = [load_module(cls, cfg, ckpt.tensors[c], dtype=torch.bfloat16, device="cpu", where=sys.argv[1])
-        for c, cls, cfg in (("unet", unet.UNet, spec.unet), ("vae", vae.VAE, spec.vae),
-                            ("text_encoder", clip.CLIPTextModel, spec.text_encoder))]
+mods = list(ckpt.load(Precision(torch.bfloat16, torch.bfloat16), "cpu").values())
 secs = time.perf_counter() - t0
 params = sum(p.numel() for m in mods for p in m.parameters())
 assert all(p.dtype == torch.bfloat16 for m in mods for p in m.parameters())

@@ -47,7 +47,7 @@ def reference_pipeline(folder: Path, inpainting=False, seed=0):
 
 def original_state_dict(pipe, dtype=torch.float32):
     """The reference pipeline's weights under the original (CompVis/LDM) single-file key names."""
-    from sdgen import clip, unet, vae
+    from sdgen.nets import clip, unet, vae
 
     out = {}
     for name, module, table in (

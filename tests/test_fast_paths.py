@@ -7,17 +7,17 @@ import torch
 
 import reference
 import sdgen
-from sdgen import pipeline
+from sdgen import precision
 from reference import relerr
-from sdgen.layers import Conv2d, upsample_conv
-from sdgen.clip import CLIPConfig, CLIPTextModel, diffusers_renames as clip_renames
-from sdgen.unet import ResBlock, SpatialTransformer, UNet, UNetConfig, diffusers_renames as unet_renames
-from sdgen.vae import AttnBlock, ResnetBlock, VAE, VAEConfig, diffusers_renames as vae_renames, fix_shapes
+from sdgen.nets.layers import Conv2d, upsample_conv
+from sdgen.nets.clip import CLIPConfig, CLIPTextModel, diffusers_renames as clip_renames
+from sdgen.nets.unet import ResBlock, SpatialTransformer, UNet, UNetConfig, diffusers_renames as unet_renames
+from sdgen.nets.vae import AttnBlock, ResnetBlock, VAE, VAEConfig, diffusers_renames as vae_renames, fix_shapes
 
 
-def build(cls, config, state, dtype=torch.float32):
+def build(cls, config, state, dtype=torch.float32, compute=None):
     with torch.device("meta"):
-        m = cls(config)
+        m = cls(config, compute_dtype=compute)
     m.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     return m.eval()
 
@@ -58,8 +58,7 @@ def unet_inputs(seed=4):
 def test_unet_bf16_storage_fp32_compute(unet_state):
     _, config, state = unet_state
     x, ctx = unet_inputs()
-    full, low = build(UNet, config, state), build(UNet, config, state, torch.bfloat16)
-    low.compute_dtype = torch.float32
+    full, low = build(UNet, config, state), build(UNet, config, state, torch.bfloat16, torch.float32)
     with torch.no_grad():
         want, got = full(x, 400, ctx), low(x, 400, ctx)
     assert {p.dtype for p in low.parameters()} == {torch.bfloat16}  # no fp32 copy was kept
@@ -70,8 +69,7 @@ def test_unet_bf16_storage_fp32_compute(unet_state):
 
 def test_vae_bf16_storage_fp32_compute(vae_state):
     _, config, state = vae_state
-    full, low = build(VAE, config, state), build(VAE, config, state, torch.bfloat16)
-    low.compute_dtype = torch.float32
+    full, low = build(VAE, config, state), build(VAE, config, state, torch.bfloat16, torch.float32)
     g = torch.Generator().manual_seed(3)
     latents, images = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     with torch.no_grad():
@@ -84,8 +82,7 @@ def test_vae_bf16_storage_fp32_compute(vae_state):
 
 def test_clip_bf16_storage_fp32_compute(clip_state):
     config, state = clip_state
-    full, low = build(CLIPTextModel, config, state), build(CLIPTextModel, config, state, torch.bfloat16)
-    low.compute_dtype = torch.float32
+    full, low = build(CLIPTextModel, config, state), build(CLIPTextModel, config, state, torch.bfloat16, torch.float32)
     ids = torch.randint(0, config.vocab_size, (3, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = full(ids), low(ids)
@@ -93,28 +90,34 @@ def test_clip_bf16_storage_fp32_compute(clip_state):
     assert reference.relerr(got, want) < 2e-2
 
 
-def test_resolve_dtype(monkeypatch):
+def test_resolve_precision(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: False)
-    assert pipeline.resolve_dtype("float32", cpu) == (torch.float32, torch.float32)
-    assert pipeline.resolve_dtype("bf16", cpu) == (torch.bfloat16, torch.float32)
-    assert pipeline.resolve_dtype("float16", cpu) == (torch.float16, torch.float32)
-    assert pipeline.resolve_dtype("auto", cpu) == (torch.float32, torch.float32)
-    assert pipeline.resolve_dtype("auto", cuda) == (torch.float16, torch.float16)
-    assert pipeline.resolve_dtype(torch.bfloat16, cuda) == (torch.bfloat16, torch.bfloat16)
-    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: True)
-    assert pipeline.resolve_dtype("bfloat16", cpu) == (torch.bfloat16, torch.bfloat16)
-    assert pipeline.resolve_dtype("auto", cpu) == (torch.bfloat16, torch.bfloat16)
-    assert pipeline.resolve_dtype("fp16", cpu) == (torch.float16, torch.float32)  # no fast fp16 CPU kernels
-    with pytest.raises(sdgen.SdgenError):
-        pipeline.resolve_dtype("float8", cpu)
+    P = precision.Precision
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    resolve = precision.resolve_precision
+    assert resolve("float32", cpu) == P(torch.float32, torch.float32)
+    assert resolve("bf16", cpu) == P(torch.bfloat16, torch.float32)
+    assert resolve("float16", cpu) == P(torch.float16, torch.float32)
+    assert resolve("auto", cpu) == P(torch.float32, torch.float32)
+    assert resolve("auto", cuda) == P(torch.float16, torch.float16)
+    assert resolve(torch.bfloat16, cuda) == P(torch.bfloat16, torch.bfloat16)
+    assert str(resolve("bf16", cpu)) == "bfloat16 (computed in float32)"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert resolve("bfloat16", cpu) == P(torch.bfloat16, torch.bfloat16)
+    assert resolve("auto", cpu) == P(torch.bfloat16, torch.bfloat16)
+    assert resolve("fp16", cpu) == P(torch.float16, torch.float32)  # no fast fp16 CPU kernels
+    assert str(resolve("auto", cpu)) == "bfloat16"
+    for bad in ("float8", torch.int8, torch.complex64, 3):
+        with pytest.raises(sdgen.SdgenError):
+            resolve(bad, cpu)
 
 
-@pytest.mark.skipif(pipeline.cpu_has_native_bf16(), reason="this CPU computes bf16 natively")
-def test_load_bf16_stores_bf16_computes_fp32(tiny):
+def test_load_bf16_stores_bf16_computes_fp32(tiny, monkeypatch):
+    """On CPUs without native bf16 (forced here, whatever this CPU has)."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     ref, paths = tiny
     pipe = sdgen.load(str(paths["safetensors"]), dtype="bfloat16")
-    assert pipe.dtype == torch.bfloat16
+    assert pipe.dtype == torch.bfloat16 and pipe.precision == precision.Precision(torch.bfloat16, torch.float32)
     for net in (pipe.unet, pipe.vae, pipe.text_encoder):
         assert net.compute_dtype == torch.float32
         assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
@@ -214,7 +217,7 @@ def test_upsample_conv_equals_upsample_then_conv(shape):
 @pytest.mark.parametrize("shape", [(1, 64, 37, 23, 32), (2, 32, 16, 16, 3)])
 def test_banded_norm_silu_conv_equals_plain(monkeypatch, shape):
     """The VAE's memory-bounded norm -> SiLU -> conv (row bands with a halo) is the plain composition."""
-    from sdgen import layers
+    from sdgen.nets import layers
 
     monkeypatch.setattr(layers, "BAND_ELEMENTS", 1 << 12)  # force many bands on a small tensor
     b, c, h, w, o = shape
@@ -230,7 +233,7 @@ def test_banded_norm_silu_conv_equals_plain(monkeypatch, shape):
 
 
 def test_vae_decode_with_bands_matches_diffusers(monkeypatch, vae_state):
-    from sdgen import layers
+    from sdgen.nets import layers
 
     monkeypatch.setattr(layers, "BAND_ELEMENTS", 1 << 14)
     ref, config, state = vae_state

@@ -70,7 +70,7 @@ def test_vae(loaded):
 
 def test_info_and_family(loaded):
     _, pipe, fmt = loaded
-    assert pipe.spec.family == "sd1" and not pipe.spec.inpainting
+    assert pipe.checkpoint.family.name == "sd1" and not pipe.checkpoint.inpainting
     assert pipe.checkpoint.format == ("diffusers" if fmt == "diffusers" else fmt.split("_")[0])
     if fmt != "diffusers":
         assert "betas" in pipe.checkpoint.ignored and "model_ema.decay" in pipe.checkpoint.ignored

@@ -98,7 +98,7 @@ def test_inpaint_ordinary_checkpoint_matches_diffusers(tiny, ours, sampler, stre
 @pytest.mark.parametrize("sampler,strength", [("euler", 1.0), ("ddim", 0.7)])
 def test_inpaint_9_channel_checkpoint_matches_diffusers(tiny_inpaint, sampler, strength):
     ours = sdgen.load(str(tiny_inpaint[1]["safetensors"]))
-    assert ours.spec.inpainting
+    assert ours.checkpoint.inpainting
     check_inpaint(tiny_inpaint[0], ours, sampler, strength, 7)
 
 

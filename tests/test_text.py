@@ -8,8 +8,8 @@ import torch
 
 import reference
 from sdgen import SdgenError
-from sdgen.clip import CLIPConfig, CLIPTextModel, diffusers_renames, normalize_keys
-from sdgen.tokenizer import Tokenizer
+from sdgen.nets.clip import CLIPConfig, CLIPTextModel, diffusers_renames, normalize_keys
+from sdgen.nets.tokenizer import Tokenizer
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars",

@@ -5,7 +5,7 @@ import torch
 
 import reference
 from sdgen import SdgenError
-from sdgen.unet import UNet, UNetConfig, diffusers_renames
+from sdgen.nets.unet import UNet, UNetConfig, diffusers_renames
 
 
 def ours_from(ref):

@@ -3,7 +3,7 @@ import torch
 
 import reference
 from sdgen import SdgenError
-from sdgen.vae import VAE, VAEConfig, diffusers_renames, fix_shapes
+from sdgen.nets.vae import VAE, VAEConfig, diffusers_renames, fix_shapes
 
 SF = 0.18215
 

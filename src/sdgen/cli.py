@@ -1,19 +1,17 @@
 """`sdgen generate`, `sdgen info`, `sdgen bench`: argument parsing, progress and files; the work is in the API."""
 
 import argparse
-import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from . import SdgenError, __version__
 
+from .precision import DEVICES, PRECISIONS
+from .request import SCHEDULES, GenerationRequest
+from .sampling.samplers import SAMPLERS
+
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# A1111's names, so that image sites and A1111's "PNG info" read our metadata back
-SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-                  "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC", "lcm": "LCM"}
-PRECISIONS = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,33 +30,39 @@ def build_parser():
     parser = Parser(prog="sdgen", description="Stable Diffusion 1.x image generation on your own machine.")
     parser.add_argument("--version", action="version", version=f"sdgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    d = GenerationRequest  # the request's own defaults, shown in the help; unset options stay None
 
     g = sub.add_parser("generate", help="turn a prompt into PNG images")
     g.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
     g.add_argument("--prompt", help="the prompt")
-    g.add_argument("-n", "--negative-prompt", default="", help="what to steer away from")
+    g.add_argument("-n", "--negative-prompt", help="what to steer away from")
     g.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help="a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", "--cfg", type=number, default=7.5, help="classifier-free guidance scale")
-    g.add_argument("--sampler", default="euler", help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpmpp_2m, unipc, lcm")
-    g.add_argument("--schedule", default="normal", help="normal or karras")
-    g.add_argument("--seed", type=int, help="random when omitted (printed)")
-    g.add_argument("-W", "--width", type=int, help="multiple of 8 (default 512, or the init image's width)")
-    g.add_argument("-H", "--height", type=int, help="multiple of 8 (default 512, or the init image's height)")
-    g.add_argument("-b", "--batch-size", type=int, default=1)
+    g.add_argument("--steps", type=int, help=f"denoising steps (default {d.steps})")
+    g.add_argument("--guidance", "--cfg", type=number, help=f"classifier-free guidance scale (default {d.guidance_scale})")
+    g.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} or its A1111 name (default {d.sampler})")
+    g.add_argument("--schedule", help=f"{' or '.join(SCHEDULES)} (default {d.schedule}); karras works with "
+                                      f"{', '.join(s.name for s in SAMPLERS.values() if s.karras)}")
+    g.add_argument("--seed", type=int, help="random when omitted (printed); image i of a batch uses seed + i")
+    g.add_argument("-W", "--width", type=int, help="multiple of 8 (default: the init image's width, else the model's)")
+    g.add_argument("-H", "--height", type=int, help="multiple of 8 (default: the init image's height, else the model's)")
+    g.add_argument("-b", "--batch-size", type=int, help=f"images (default {d.batch_size})")
     g.add_argument("--init-image", help="img2img: the starting image")
-    g.add_argument("--strength", type=number, default=0.8, help="img2img/inpainting: how much to change (0..1)")
+    g.add_argument("--strength", type=number, help=f"img2img/inpainting: how much to change, 0..1 (default {d.strength})")
     g.add_argument("--mask", help="inpainting: white = repaint, black = keep (same size as the init image)")
-    g.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer (default), 2 = penultimate")
+    g.add_argument("--clip-skip", type=int, help="1 = last CLIP layer (default), 2 = penultimate, ...")
+    g.add_argument("--from-png", metavar="PNG", help="start from the generation parameters stored in a PNG "
+                                                     "(A1111 'parameters' text); options given here override them")
     g.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default="auto", choices=list(DEVICES))
     g.add_argument("-o", "--output", default="outputs/sdgen.png",
                    help="PNG path; an existing file is never overwritten: the next free name is used")
 
     i = sub.add_parser("info", help="what a checkpoint holds")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    i.add_argument("--precision", choices=list(PRECISIONS), default="auto")
+    i.add_argument("--device", default="auto", choices=list(DEVICES))
 
     sub.add_parser("bench", help="time sdgen against diffusers on an SD1.5-size random model (benchmarks/bench.py; "
                                  "its options follow: sdgen bench --help)", add_help=False)
@@ -69,36 +73,57 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def cmd_generate(a):
-    from . import pipeline
-    from .images import open_image, parameters_text, save_png
+# CLI option -> request field
+_FIELDS = {"negative_prompt": "negative_prompt", "steps": "steps", "guidance": "guidance_scale", "sampler": "sampler",
+           "schedule": "schedule", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
+           "strength": "strength", "clip_skip": "clip_skip"}
 
-    prompt = a.prompt if a.prompt is not None else a.prompt_pos
-    if prompt is None:
-        raise SdgenError("no prompt: sdgen generate \"a cat on a beach\"")
+
+def build_request(a) -> GenerationRequest:
+    """The request the command line describes: --from-png's parameters, overridden by the options given."""
+    from .images import open_image, read_parameters
+    from .sampling.samplers import by_label
+
     if a.prompt is not None and a.prompt_pos is not None:
         raise SdgenError("give the prompt once: either as an argument or with --prompt")
-    if a.clip_skip not in (1, 2, 3, 4):
-        raise SdgenError(f"clip skip must be 1 to 4, not {a.clip_skip}")
-    output = Path(a.output)
-    if output.suffix.lower() != ".png":
-        raise SdgenError(f"{output}: the output must be a .png file")
-    if output.exists() and output.is_dir():
-        raise SdgenError(f"{output}: is a folder; give a file name like {output / 'image.png'}")
-    # everything the user typed is checked before the (slow) model load
-    init = open_image(a.init_image, "init image") if a.init_image else None
-    mask = open_image(a.mask, "mask") if a.mask else None
-    width, height = pipeline._size(a.width, a.height, init)
-    pipeline.check_size(width, height)
-    pipeline.check_arguments([prompt], [a.negative_prompt], a.steps, a.guidance, a.sampler, a.schedule, a.seed,
-                             a.batch_size, a.strength, init, mask, inpainting_model=False)
-    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
-    pipe = pipeline.load(a.model, device=a.device, dtype=PRECISIONS[a.precision], log=log)
-    if a.seed is None:
-        log(f"seed: {seed}")
+    fields = {}
+    if a.from_png:
+        base, _ = GenerationRequest.from_parameters(read_parameters(a.from_png))
+        fields = {k: getattr(base, k) for k in ("prompt", *_FIELDS.values())}
+    prompt = a.prompt if a.prompt is not None else a.prompt_pos
+    if prompt is not None:
+        fields["prompt"] = prompt
+    if "prompt" not in fields:
+        raise SdgenError("no prompt: sdgen generate \"a cat on a beach\"")
+    fields.update({f: getattr(a, opt) for opt, f in _FIELDS.items() if getattr(a, opt) is not None})
+    if isinstance(fields.get("sampler"), str):
+        fields["sampler"] = by_label(fields["sampler"]).name
+    if a.init_image:
+        fields["init_image"] = open_image(a.init_image, "init image")
+    if a.mask:
+        fields["mask_image"] = open_image(a.mask, "mask")
+    request = GenerationRequest(**fields)
+    request.check()
+    return request
+
+
+def cmd_generate(a):
+    from . import pipeline
+    from .families import open_checkpoint
+    from .images import check_output, save_png
+
+    request = build_request(a)
+    output = check_output(Path(a.output))
+    # everything the user typed is checked before the (slow) model load; then against the model's own facts
+    # (its scheduler, size, inpainting or not), which opening it reads without loading any weight
+    ckpt = open_checkpoint(a.model)
+    request = request.resolve(ckpt)
+    pipe = pipeline.load(ckpt, device=a.device, dtype=a.precision, log=log)
+    if a.seed is None and not a.from_png:
+        log(f"seed: {request.seed}")
     from tqdm import tqdm
 
-    bar = tqdm(total=a.steps, desc="denoising", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def progress(i, n):
         bar.total = n
@@ -108,22 +133,12 @@ def cmd_generate(a):
 
     started = time.perf_counter()
     with _warnings_as_log():
-        images = pipe.generate(prompt, a.negative_prompt, steps=a.steps, guidance_scale=a.guidance, sampler=a.sampler,
-                               schedule=a.schedule, seed=seed, width=width, height=height, batch_size=a.batch_size,
-                               init_image=init, strength=a.strength, mask_image=mask, clip_skip=a.clip_skip,
-                               progress=progress)
+        result = pipe.generate(request, progress=progress)
     bar.close()
     total = time.perf_counter() - started
-    for k, image in enumerate(images):
-        text = parameters_text(prompt, a.negative_prompt, a.steps, SAMPLER_LABELS[a.sampler], a.guidance, seed + k,
-                               width, height, pipe.name,
-                               **{"Schedule type": "Karras" if a.schedule == "karras" else None,
-                                  "Denoising strength": a.strength if init is not None else None,
-                                  "Clip skip": a.clip_skip if a.clip_skip != 1 else None})
-        path = save_png(image, output, text)
-        print(path)
-    t = pipe.timings
-    log("time: " + ", ".join([f"load {pipe.load_seconds:.1f} s"] + [f"{k} {v:.1f} s" for k, v in t.items()]
+    for k, image in enumerate(result.images):
+        print(save_png(image, output, request.parameters(pipe.name, k)))
+    log("time: " + ", ".join([f"load {pipe.load_seconds:.1f} s"] + [f"{k} {v:.1f} s" for k, v in result.timings.items()]
                              + [f"generate {total:.1f} s"]))
 
 
@@ -143,23 +158,25 @@ class _warnings_as_log:
 
 
 def cmd_info(a):
-    from .spec import detect
-    from .weights import open_checkpoint
+    from .families import open_checkpoint
+    from .precision import resolve_device, resolve_precision
 
     ckpt = open_checkpoint(a.model)
-    spec = detect(ckpt)
+    device = resolve_device(a.device)
     print(f"model:      {ckpt.path}")
     print(f"format:     {ckpt.format}")
-    print(f"family:     {spec.family}{' (inpainting, 9-channel UNet)' if spec.inpainting else ''}")
-    print(f"dtype:      {ckpt.dtype_on_disk}")
+    print(f"family:     {ckpt.family.name} ({ckpt.family.label}){' inpainting, 9-channel UNet' if ckpt.inpainting else ''}")
+    print(f"dtype:      {ckpt.dtype_on_disk} on disk; runs as {resolve_precision(a.precision, device)} "
+          f"on {device}")
+    print(f"size:       {ckpt.native_size[0]}x{ckpt.native_size[1]} (native)")
     total = 0
-    for name in ("text_encoder", "unet", "vae"):
-        count = sum(math.prod(s) for s in ckpt.shapes(name).values())
+    for c in ckpt.family.components:
+        count = ckpt.parameters(c.name)
         total += count
-        print(f"{name + ':':<12}{count:>13,} parameters  {getattr(spec, name)}")
+        print(f"{c.name + ':':<12}{count:>13,} parameters  {ckpt.configs[c.name]}")
     print(f"{'total:':<12}{total:>13,} parameters")
     print(f"tokenizer:  {ckpt.tokenizer_dir or 'built-in CLIP vocabulary'}")
-    print(f"scheduler:  {'from ' + str(ckpt.path / 'scheduler') if ckpt.scheduler_config else 'SD1.5 defaults'}")
+    print(f"scheduler:  {'from ' + str(ckpt.path / 'scheduler') if ckpt.format == 'diffusers' else 'SD1.5 defaults'}")
     ignored = ckpt.ignored
     shown = ", ".join(ignored[:8]) + (f", ... ({len(ignored)} in all)" if len(ignored) > 8 else "")
     print(f"ignored:    {shown or 'nothing'}")

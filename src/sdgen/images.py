@@ -1,5 +1,7 @@
 """Images in and out: PIL <-> tensors (as diffusers' VaeImageProcessor does), PNG metadata, safe file names."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -55,37 +57,70 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (x * 255).round().astype("uint8")]
 
 
-def parameters_text(prompt, negative_prompt, steps, sampler, guidance_scale, seed, width, height, model, **extra) -> str:
-    """The A1111 'parameters' chunk that A1111, ComfyUI and image sites read back."""
-    fields = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance_scale, "Seed": seed,
-              "Size": f"{width}x{height}", "Model": model, **{k: v for k, v in extra.items() if v is not None}}
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
-    return "\n".join(lines)
+def read_parameters(path) -> str:
+    """The A1111 `parameters` text stored in a PNG (tEXt/iTXt chunk)."""
+    image = open_image(path, "PNG")
+    text = getattr(image, "text", {}).get("parameters") or image.info.get("parameters")
+    if not isinstance(text, str) or not text.strip():
+        raise SdgenError(f"{path}: holds no generation parameters (no A1111 'parameters' text)")
+    return text
 
 
-def free_path(path: Path) -> Path:
-    """`path` if nothing is there, else the first of name-1.png, name-2.png, ... that is free."""
-    if not path.exists():
-        return path
-    n = 1
-    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
-        n += 1
-    return candidate
+def check_output(path: Path) -> Path:
+    """Refuse an output location that cannot be written, before any work: not .png, a folder, a parent that is a
+    file or not writable."""
+    if path.suffix.lower() != ".png":
+        raise SdgenError(f"{path}: the output must be a .png file")
+    if path.is_dir():
+        raise SdgenError(f"{path}: is a folder; give a file name like {path / 'image.png'}")
+    parent = path.parent
+    while not parent.exists():  # the nearest existing folder is where the missing ones will be made
+        if parent.is_symlink():
+            raise SdgenError(f"{parent}: is a dangling link; give another output folder")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SdgenError(f"{parent}: is a file, not a folder; give another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SdgenError(f"{parent}: cannot write here (permission denied); give another output path")
+    return path
+
+
+MAX_NAMES = 100_000  # name-1.png ... name-99999.png: past this something is wrong with the folder
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
-    """Write a PNG with its parameters chunk to the first free name at `path`; never overwrites."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a PNG with its parameters chunk to the first free name at `path`; never overwrites, never leaves a
+    partial file: the PNG is written to a temporary file in the same folder, then linked to the free name (a link
+    fails if the name exists, even when another process took it meanwhile) and the temporary name removed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SdgenError(f"{path.parent}: cannot create the output folder ({e.strerror})") from None
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    while True:
-        path = free_path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png.part", dir=path.parent)
+    except OSError as e:
+        raise SdgenError(f"{path.parent}: cannot write here ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        for n in range(MAX_NAMES):
+            candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            if os.path.lexists(candidate):  # lexists: a dangling link is taken too
+                continue
+            try:
+                os.link(tmp, candidate)
+                return candidate
+            except FileExistsError:
+                continue
+        raise SdgenError(f"{path}: no free name left ({path.stem}-1 ... {path.stem}-{MAX_NAMES - 1} all exist)")
+    except OSError as e:
+        raise SdgenError(f"{path}: could not write the image ({e.strerror or e}); nothing was written") from None
+    finally:
         try:
-            with open(path, "xb") as f:  # exclusive create: a file that appears meanwhile is never clobbered
-                image.save(f, format="PNG", pnginfo=info)
-            return path
-        except FileExistsError:
-            continue
+            os.unlink(tmp)
+        except OSError:
+            pass

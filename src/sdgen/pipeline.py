@@ -1,96 +1,103 @@
-"""load() and generate(): text -> embeddings -> sigmas -> starting latent -> denoiser -> sampler -> VAE -> images."""
+"""load() and generate(): text -> embeddings -> sigmas -> starting latent -> denoiser -> sampler -> VAE -> images.
 
-import math
+    pipe = load("model.safetensors", device="cpu", dtype="float32")
+    result = pipe.generate(GenerationRequest("a cat", seed=1))     # or pipe.generate("a cat", seed=1)
+    result.images[0].save("cat.png"); result.seeds; result.timings
+
+Each mode (txt2img, img2img, inpainting) prepares its start: the first latent, the model it denoises with and a
+hook run after every step. One loop then runs the sampler over it.
+"""
+
+from __future__ import annotations
+
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
+from torch import Tensor
 
-from . import SdgenError, guidance, images
-from .schedule import SchedulerConfig, plan as make_plan
-from .clip import CLIPTextModel
-from .samplers import SAMPLERS
-from .spec import ModelSpec, detect
-from .tokenizer import Tokenizer
-from .unet import UNet
-from .vae import VAE
-from .weights import Checkpoint, load_module, open_checkpoint
+from . import SdgenError, images
+from .families import Checkpoint, open_checkpoint
+from .nets.clip import CLIPTextModel
+from .nets.tokenizer import Tokenizer
+from .nets.unet import UNet
+from .nets.vae import VAE
+from .precision import Precision, resolve_device, resolve_precision
+from .request import GenerationRequest
+from .sampling import guidance
+from .sampling.schedule import Plan, plan as make_plan
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-MAX_SIDE = 8192      # pixels; beyond this a latent alone is gigabytes
-MAX_BATCH = 64
-MAX_STEPS = 1000
+DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512_BF16 or AMX: bf16 matrix products run at several times fp32 speed. Elsewhere bf16 is emulated."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SdgenError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use")
-    return device
-
-
-def resolve_dtype(dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(storage dtype, compute dtype). 'auto' stores fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.
-
-    The weights are kept in the storage dtype; the arithmetic runs in the compute dtype (layers.py casts one
-    layer's weight at a time). On CUDA, and for bf16 on CPUs with native bf16, the two are the same. Other CPUs
-    emulate bf16/fp16 arithmetic 50-300x slower than fp32, so half-precision storage computes in fp32 there:
-    half the memory at full fp32 speed."""
-    if isinstance(dtype, torch.dtype):
-        storage = dtype
-    elif dtype in (None, "auto"):
-        if device.type == "cuda":
-            storage = torch.float16
-        else:
-            storage = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    elif dtype in DTYPES:
-        storage = DTYPES[dtype]
-    else:
-        raise SdgenError(f"unknown precision {dtype!r}: use one of float32, bfloat16, float16 (fp32, bf16, fp16)")
-    if device.type != "cpu" or storage.itemsize >= 4 or (storage == torch.bfloat16 and cpu_has_native_bf16()):
-        return storage, storage
-    return storage, torch.float32
-
-
-def load(model=None, device="cpu", dtype="float32", *, variant=None, log=None) -> "Pipeline":
-    """Load an SD1 model from a single file, a diffusers folder or a Hugging Face repo id."""
+def load(model=None, device="cpu", dtype="float32", *, variant=None, log=None) -> Pipeline:
+    """Load a model from a single file, a diffusers folder or a Hugging Face repo id (default: SD1.5)."""
     log = log or (lambda msg: None)
     device = resolve_device(device)
-    dtype, compute = resolve_dtype(dtype, device)
+    precision = resolve_precision(dtype, device)
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(model, variant=variant)
-    spec = detect(ckpt)
-    where = str(ckpt.path)
-    modules = {}
-    for name, cls, config in (("text_encoder", CLIPTextModel, spec.text_encoder), ("unet", UNet, spec.unet),
-                              ("vae", VAE, spec.vae)):
-        modules[name] = load_module(cls, config, ckpt.tensors[name], dtype=dtype, device=device, where=where).eval()
-        modules[name].compute_dtype = compute
+    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(DEFAULT_REPO if model is None else model,
+                                                                         variant=variant)
+    nets = ckpt.load(precision, device)
     tokenizer = Tokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else Tokenizer.default()
-    pipe = Pipeline(tokenizer=tokenizer, text_encoder=modules["text_encoder"], unet=modules["unet"], vae=modules["vae"],
-                    spec=spec, scheduler=SchedulerConfig.from_diffusers(ckpt.scheduler_config),
-                    checkpoint=ckpt, device=device, dtype=dtype)
-    pipe.load_seconds = time.perf_counter() - t0
-    log(f"loaded {ckpt.path.name} ({ckpt.format}, {spec.family}{' inpainting' if spec.inpainting else ''}) as "
-        f"{str(dtype).removeprefix('torch.')}{_computed_in(dtype, compute)} on {device} in {pipe.load_seconds:.1f} s")
+    pipe = Pipeline(tokenizer=tokenizer, text_encoder=nets["text_encoder"], unet=nets["unet"], vae=nets["vae"],
+                    checkpoint=ckpt, device=device, precision=precision, load_seconds=time.perf_counter() - t0)
+    log(f"loaded {ckpt.path.name} ({ckpt.format}, {ckpt.family.name}{' inpainting' if ckpt.inpainting else ''}) "
+        f"as {precision} on {device} in {pipe.load_seconds:.1f} s")
     return pipe
 
 
-def _computed_in(storage, compute) -> str:
-    return "" if compute == storage else f" (computed in {str(compute).removeprefix('torch.')})"
+@dataclass
+class Result:
+    """What a generation returns: the images (PIL, or the latents with output_type="latent"), the latents, the
+    seed of each image, the seconds per stage, and the request as run (defaults filled).
+
+    It also reads as its images: `result[0]`, `len(result)`, `for image in result`. With output_type="latent",
+    a Result stands in for the latents tensor (`result.shape`, `result - other`, torch functions), as
+    generate(..., output_type="latent") returned the bare tensor before there was a Result."""
+
+    images: list | Tensor
+    latents: Tensor                 # (B, 4, H/8, W/8), the sampler's final latents
+    seeds: list[int]
+    timings: dict[str, float]
+    request: GenerationRequest
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __iter__(self):
+        return iter(self.images)
+
+    def __getattr__(self, name):  # only reached for names a Result does not have: the latents tensor's
+        images = self.__dict__.get("images")
+        if isinstance(images, Tensor):
+            return getattr(images, name)
+        raise AttributeError(name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda a: a.latents if isinstance(a, Result) else a
+        return func(*map(unwrap, args), **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+    def __sub__(self, other):
+        return self.latents - other
+
+    def __rsub__(self, other):
+        return other - self.latents
+
+
+@dataclass
+class Start:
+    """How a mode begins: x at the plan's first sigma, the eps model it denoises with, a hook after each step."""
+
+    x: Tensor                                             # (B, 4, h, w)
+    unet: Callable[[Tensor, Tensor, Tensor], Tensor]      # unet(x, t, context) -> eps
+    after_step: Callable[[Tensor, int], None] | None = None   # modifies x in place after step i
 
 
 @dataclass
@@ -99,133 +106,126 @@ class Pipeline:
     text_encoder: CLIPTextModel
     unet: UNet               # pipe.unet(latents, timesteps, context) -> noise prediction
     vae: VAE
-    spec: ModelSpec
-    scheduler: SchedulerConfig
     checkpoint: Checkpoint
     device: torch.device
-    dtype: torch.dtype
-    timings: dict = field(default_factory=dict)   # seconds per stage of the last generate
+    precision: Precision
     load_seconds: float = 0.0
 
     @property
     def name(self) -> str:
-        return self.checkpoint.path.stem if self.checkpoint.path.is_file() else self.checkpoint.path.name
+        return self.checkpoint.name
+
+    @property
+    def scheduler(self):
+        return self.checkpoint.scheduler
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.precision.storage
 
     # ---- the building blocks (also a public API) -------------------------------------------------------
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+    def tokenize(self, prompts: list[str]) -> Tensor:
         """(B, 77) ids: BOS, BPE ids, EOS, padding; truncated to 77 as CLIPTokenizer does."""
         return self.tokenizer(list(prompts))
 
     @torch.inference_mode()
-    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> Tensor:
         """(B, 77, 768): the text encoder's last hidden state after the final layer norm."""
         ids = self.tokenize(prompts).to(self.device)
         return self.text_encoder(ids, clip_skip=clip_skip).float()
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
         return self.vae.decode(latents.to(self.device)).float()
 
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> posterior mean times the scaling factor, (B, 4, H/8, W/8)."""
         return self.vae.encode(images.to(self.device)).float()
 
-    def _encode_sample(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _encode_sample(self, image: Tensor, generator: torch.Generator) -> Tensor:
         """A posterior sample of one image (1, 3, H, W), drawing from `generator` as diffusers does."""
         mean, logvar = self.vae.encode_moments(image.to(self.device))
         eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(self.device)
-        return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * self.spec.vae.scaling_factor
+        return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * self.vae.config.scaling_factor
 
     # ---- generation ----------------------------------------------------------------------------------
-    def generate(self, prompt, negative_prompt="", *, steps=20, guidance_scale=7.5, sampler="euler",
-                 schedule="normal", seed=None, width=None, height=None, batch_size=1, init_image=None,
-                 strength=0.8, mask_image=None, output_type="pil", clip_skip=1, progress=None):
-        """Images for `prompt` (a string or a list); image i of the batch uses seed + i.
+    def request(self, request=None, /, *args, **kwargs) -> GenerationRequest:
+        """A GenerationRequest as given, or built from generate()'s keyword form; defaults filled, checked."""
+        if isinstance(request, GenerationRequest):
+            if args or kwargs:
+                raise SdgenError("give either a GenerationRequest or keyword arguments, not both")
+        else:
+            if args:
+                kwargs["negative_prompt"] = args[0]
+            if len(args) > 1:
+                raise SdgenError("generate(prompt, negative_prompt, **options): options are keywords")
+            unknown = sorted(set(kwargs) - set(GenerationRequest.__dataclass_fields__))
+            if unknown:
+                raise SdgenError(f"unknown generation option {unknown[0]!r}")
+            if kwargs.get("negative_prompt", "") is None:  # diffusers' default
+                kwargs["negative_prompt"] = ""
+            for key in ("init_image", "mask_image"):
+                if kwargs.get(key) is not None and not isinstance(kwargs[key], images.Image.Image):
+                    kwargs[key] = images.open_image(kwargs[key], key.replace("_", " "))
+            request = GenerationRequest(**kwargs) if request is None else GenerationRequest(request, **kwargs)
+        return request.resolve(self.checkpoint)
 
-        init_image alone: img2img with `strength`; with mask_image (white = repaint): inpainting.
-        output_type "latent" returns the final latents (B, 4, H/8, W/8) instead of PIL images.
+    def generate(self, request=None, /, *args, output_type: str = "pil", progress=None, **kwargs) -> Result:
+        """Images for a GenerationRequest (or generate(prompt, negative_prompt, steps=..., ...) with its fields).
+
+        output_type "latent" skips the VAE: result.images is then the latents (B, 4, H/8, W/8).
         progress: a callable (step, total) -> None called after every denoising step.
         """
+        if output_type not in ("pil", "latent"):
+            raise SdgenError(f"output_type must be 'pil' or 'latent', not {output_type!r}")
+        req = self.request(request, *args, **kwargs)
+        timings: dict[str, float] = {}
         x = None
-        for x, i, n in self.denoise(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                                    sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
-                                    batch_size=batch_size, init_image=init_image, strength=strength,
-                                    mask_image=mask_image, clip_skip=clip_skip):
+        for x, i, n in self._denoise(req, timings):
             if progress:
                 progress(i + 1, n)
         if output_type == "latent":
-            return x
+            return Result(x, x, req.seeds, timings, req)
         t0 = time.perf_counter()
         pixels = self.decode(x)
-        self.timings["decode"] = time.perf_counter() - t0
-        return images.to_pil(pixels)
+        timings["decode"] = time.perf_counter() - t0
+        return Result(images.to_pil(pixels), x, req.seeds, timings, req)
+
+    def denoise(self, request=None, /, *args, **kwargs) -> Iterator[tuple[Tensor, int, int]]:
+        """The denoising loop as a generator: yields (latents, step, total) after every step."""
+        return self._denoise(self.request(request, *args, **kwargs), {})
 
     @torch.inference_mode()
-    def denoise(self, prompt, negative_prompt="", *, steps=20, guidance_scale=7.5, sampler="euler",
-                schedule="normal", seed=None, width=None, height=None, batch_size=1, init_image=None,
-                strength=0.8, mask_image=None, clip_skip=1):
-        """The denoising loop as a generator: yields (latents, step, total) after every step."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-        init = _as_image(init_image, "init image")
-        mask = _as_image(mask_image, "mask")
-        width, height = _size(width, height, init)
-        check_size(width, height)
-        check_arguments(prompts, negatives, steps, guidance_scale, sampler, schedule, seed, batch_size, strength,
-                        init, mask, self.spec.inpainting)
-        if seed is None:
-            seed = torch.seed() % 2**32
-        self.timings = {}
-        n = len(prompts) * batch_size
-        # image i of the batch is prompt i // batch_size, as diffusers' num_images_per_prompt orders them
-        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-        prompts, negatives = ([q for q in qs for _ in range(batch_size)] for qs in (prompts, negatives))
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+    def _denoise(self, req: GenerationRequest, timings: dict) -> Iterator[tuple[Tensor, int, int]]:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
 
         def noise(like):  # (B, C, h, w) standard normal, one CPU generator per image: same on any device
             return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)
 
         t0 = time.perf_counter()
-        self._warn_if_truncated(prompts + negatives)
-        cond = self.encode_prompt(prompts, clip_skip=clip_skip)
-        uncond = self.encode_prompt(negatives, clip_skip=clip_skip) if guidance_scale > 1 else None
-        self.timings["text"] = time.perf_counter() - t0
+        self._warn_if_truncated(req.prompts + req.negative_prompts)
+        cond = self.encode_prompt(req.prompts, clip_skip=req.clip_skip)
+        uncond = self.encode_prompt(req.negative_prompts, clip_skip=req.clip_skip) if req.guidance_scale > 1 else None
+        timings["text"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        inpaint, inpaint_model = mask is not None, self.spec.inpainting
-        full = init is None or (inpaint and strength == 1)      # start from pure noise
-        p = make_plan(sampler, steps, self.scheduler, schedule=schedule, strength=1.0 if init is None else strength)
-        latent_shape = (n, 4, height // 8, width // 8)
-        image = images.to_tensor(init, width, height) if init is not None else None
-        # posterior samples draw from the generators where diffusers draws them: img2img repeats the image over
-        # the batch (one draw per generator); inpainting encodes the single image with the first generator only
-        image_latents = None
-        if init is not None and not inpaint:
-            image_latents = torch.cat([self._encode_sample(image, g) for g in generators])
-        elif inpaint and (not inpaint_model or not full):
-            image_latents = self._encode_sample(image, generators[0]).expand(n, -1, -1, -1)
-        noise0 = noise(torch.empty(latent_shape, device=self.device))
-        x = p.start(noise0, None if full else image_latents)
-        unet = self.unet  # fp32 latents in, fp32 out, whatever the weights' dtype
-        if inpaint:
-            m = images.mask_to_tensor(mask, width, height)
-            masked = self._encode_sample(image * (m < 0.5), generators[0]).expand(n, -1, -1, -1)
-            m_lat = torch.nn.functional.interpolate(m, size=latent_shape[2:]).to(self.device).expand(n, -1, -1, -1)
-            if inpaint_model:
-                unet = _inpaint_unet(unet, m_lat, masked)
-        denoiser = guidance.model_denoiser(guidance.cfg(unet, cond, uncond, guidance_scale), self.scheduler)
-        self.timings["prepare"] = time.perf_counter() - t0
+        p = make_plan(req.sampler, req.steps, self.scheduler, schedule=req.schedule,
+                      strength=1.0 if req.mode == "txt2img" else req.strength)
+        start = MODES[req.mode](self, req, p, generators, noise)
+        denoiser = guidance.model_denoiser(guidance.cfg(start.unet, cond, uncond, req.guidance_scale), self.scheduler)
+        timings["prepare"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        total = p.steps
-        for i, x in enumerate(p.run(denoiser, x, noise)):
-            if inpaint and not inpaint_model:
-                # ordinary checkpoints: keep the unmasked area on the init image's noise trajectory
-                x.copy_((1 - m_lat) * p.noised(image_latents, noise0, i) + m_lat * x)
-            yield x, i, total
-        self.timings["denoise"] = time.perf_counter() - t0
+        for i, x in enumerate(p.run(denoiser, start.x, noise)):
+            if start.after_step is not None:
+                start.after_step(x, i)
+            yield x, i, p.steps
+        timings["denoise"] = time.perf_counter() - t0
+
+    def _latent_shape(self, req: GenerationRequest) -> tuple[int, int, int, int]:
+        return req.count, self.unet.config.out_channels, req.height // 8, req.width // 8
 
     def _warn_if_truncated(self, prompts):
         limit = self.tokenizer.max_length - 2
@@ -233,66 +233,52 @@ class Pipeline:
             count = len(self.tokenizer.encode(text))
             if count > limit:
                 warnings.warn(f"prompt is {count} tokens long; CLIP reads the first {limit}, the rest is ignored",
-                              stacklevel=3)
+                              stacklevel=4)
 
 
-def _inpaint_unet(unet, mask, masked_latents):
-    """9-channel inpainting UNets see [latents, mask, masked-image latents] along channels."""
-    def call(x, t, context):
-        reps = x.shape[0] // mask.shape[0]   # CFG doubles the batch
-        return unet(torch.cat([x, mask.repeat(reps, 1, 1, 1), masked_latents.repeat(reps, 1, 1, 1)], 1), t, context)
-    return call
+# ---------------------------------------------------------------------------------------------- modes
+# Each takes (pipe, request, plan, generators, noise) and returns its Start. Random draws happen in diffusers'
+# order: img2img posterior samples (one per generator), then the starting noise; inpainting encodes its images
+# with the first generator only.
 
 
-def _as_image(image, what):
-    if image is None:
-        return None
-    if isinstance(image, images.Image.Image):
-        return image
-    return images.open_image(image, what)
+def txt2img(pipe: Pipeline, req: GenerationRequest, p: Plan, generators, noise) -> Start:
+    x = noise(torch.empty(pipe._latent_shape(req), device=pipe.device))
+    return Start(p.start(x), pipe.unet)
 
 
-def _size(width, height, init):
-    if init is not None:
-        w0, h0 = init.size
-        width = width or (w0 // 8) * 8
-        height = height or (h0 // 8) * 8
-    return width or 512, height or 512
+def img2img(pipe: Pipeline, req: GenerationRequest, p: Plan, generators, noise) -> Start:
+    """The init image's latents noised to the first sigma of the shortened schedule."""
+    image = images.to_tensor(req.init_image, req.width, req.height)
+    latents = torch.cat([pipe._encode_sample(image, g) for g in generators])  # the image repeated over the batch
+    x = noise(latents)
+    return Start(p.start(x, latents), pipe.unet)
 
 
-def check_arguments(prompts, negatives, steps, guidance_scale, sampler, schedule_name, seed, batch_size, strength,
-                    init, mask, inpainting_model):
-    """Every argument a user can get wrong, checked before any work, each with one clear line."""
-    def bad(msg):
-        raise SdgenError(msg)
+def inpaint(pipe: Pipeline, req: GenerationRequest, p: Plan, generators, noise) -> Start:
+    """9-channel checkpoints see [latents, mask, masked-image latents]; ordinary ones are blended after every
+    step: the kept area follows the init image's noise trajectory (diffusers' StableDiffusionInpaintPipeline)."""
+    n = req.count
+    image = images.to_tensor(req.init_image, req.width, req.height)
+    full = req.strength == 1     # start from pure noise
+    nine = pipe.checkpoint.inpainting
+    latents = None
+    if not nine or not full:
+        latents = pipe._encode_sample(image, generators[0]).expand(n, -1, -1, -1)
+    noise0 = noise(torch.empty(pipe._latent_shape(req), device=pipe.device))
+    x = p.start(noise0, None if full else latents)
+    m = images.mask_to_tensor(req.mask_image, req.width, req.height)
+    masked = pipe._encode_sample(image * (m < 0.5), generators[0]).expand(n, -1, -1, -1)
+    m_lat = torch.nn.functional.interpolate(m, size=x.shape[2:]).to(pipe.device).expand(n, -1, -1, -1)
+    if nine:
+        def unet(x, t, context):
+            reps = x.shape[0] // n   # CFG doubles the batch
+            return pipe.unet(torch.cat([x, m_lat.repeat(reps, 1, 1, 1), masked.repeat(reps, 1, 1, 1)], 1), t, context)
+        return Start(x, unet)
 
-    if not all(isinstance(p, str) for p in prompts + negatives):
-        bad("prompts must be strings")
-    if len(negatives) not in (1, len(prompts)):
-        bad(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-        bad(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= 100:
-        bad(f"guidance scale must be a number from 0 to 100, not {guidance_scale!r}")
-    if sampler not in SAMPLERS:
-        bad(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if schedule_name not in ("normal", "karras"):
-        bad(f"unknown schedule {schedule_name!r}: choose normal or karras")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
-        bad(f"seed must be a whole number from 0 to 2**63-1, not {seed!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_BATCH:
-        bad(f"batch size must be a whole number from 1 to {MAX_BATCH}, not {batch_size!r}")
-    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or not 0 <= strength <= 1:
-        bad(f"strength must be a number from 0 to 1, not {strength!r}")
-    if mask is not None and init is None:
-        bad("a mask needs an init image to inpaint")
-    if inpainting_model and init is None:
-        bad("this is an inpainting model: give an init image and a mask")
-    if mask is not None and init is not None and mask.size != init.size:
-        bad(f"the mask is {mask.size[0]}x{mask.size[1]} but the init image is {init.size[0]}x{init.size[1]}; they must match")
+    def blend(x, i):
+        x.copy_((1 - m_lat) * p.noised(latents, noise0, i) + m_lat * x)
+    return Start(x, pipe.unet, blend)
 
 
-def check_size(width, height):
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 8 or v > MAX_SIDE or v % 8:
-            raise SdgenError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, not {v!r}")
+MODES: dict[str, Callable[..., Start]] = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}

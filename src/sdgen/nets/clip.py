@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import SdgenError
-from .layers import LayerNorm, Linear, work_dtype
+from .. import SdgenError
+from .layers import LayerNorm, Linear
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,10 @@ class TextTransformer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    def __init__(self, config: CLIPConfig):
+    def __init__(self, config: CLIPConfig, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
-        self.compute_dtype = None  # None: compute in the parameters' dtype (see layers.py)
+        self.compute_dtype = compute_dtype  # None: the parameters' dtype (see layers.py)
         self.text_model = TextTransformer(config)
 
     def forward(self, ids: torch.LongTensor, clip_skip: int = 1) -> torch.Tensor:
@@ -175,7 +175,7 @@ class CLIPTextModel(nn.Module):
             raise SdgenError(f"clip_skip must be between 1 and {n}, got {clip_skip}")
         if ids.shape[1] > self.config.max_positions:
             raise SdgenError(f"prompt has {ids.shape[1]} tokens, the text encoder takes at most {self.config.max_positions}")
-        x = tm.embeddings(ids).to(work_dtype(self, tm.final_layer_norm.weight))
+        x = tm.embeddings(ids).to(self.compute_dtype or tm.final_layer_norm.weight.dtype)
         for layer in tm.encoder.layers[: n - (clip_skip - 1)]:
             x = layer(x)
         return tm.final_layer_norm(x)

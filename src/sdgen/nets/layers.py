@@ -28,11 +28,6 @@ def silu_(x):
     return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
-def work_dtype(model: nn.Module, param: torch.Tensor) -> torch.dtype:
-    """The dtype a network computes in: its `compute_dtype` if set, else its parameters' dtype."""
-    return getattr(model, "compute_dtype", None) or param.dtype
-
-
 class Linear(nn.Linear):
     def forward(self, x):
         return F.linear(x, cast(self.weight, x), cast(self.bias, x))
@@ -40,13 +35,20 @@ class Linear(nn.Linear):
 
 class Conv2d(nn.Conv2d):
     def forward(self, x):
-        w = self.weight
-        if x.is_contiguous(memory_format=CL) and not w.is_contiguous(memory_format=CL):
-            # Once per layer, at its first call: oneDNN would otherwise copy the weight to the input's layout at
-            # every call (~1 s per SD1.5 UNet call). The values and the state-dict key are unchanged.
-            with torch.inference_mode(False), torch.no_grad():
-                w.data = w.data.contiguous(memory_format=CL)
-        return self._conv_forward(x, cast(w, x), cast(self.bias, x))
+        return self._conv_forward(x, cast(self.weight, x), cast(self.bias, x))
+
+
+def channels_last_(module: nn.Module) -> nn.Module:
+    """Store every 4-D weight of `module` channels_last, once, when the network is built (any device, meta too).
+
+    A network that runs on channels_last activations (the UNet) wants its conv weights in the same layout: oneDNN
+    would otherwise reorder each weight at every call (~1 s per SD1.5 UNet call). Deciding it at construction,
+    never while running, keeps results independent of what ran before in the process; the loader keeps each
+    parameter's layout. Values and state-dict keys are unchanged."""
+    for p in module.parameters():
+        if p.ndim == 4:
+            p.data = p.data.contiguous(memory_format=CL)
+    return module
 
 
 class GroupNorm(nn.GroupNorm):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import SdgenError
+from .. import SdgenError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77

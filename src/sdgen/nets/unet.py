@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import SdgenError
-from .layers import Conv2d, GroupNorm, LayerNorm, Linear, silu_, upsample_conv, work_dtype
+from .. import SdgenError
+from .layers import Conv2d, channels_last_, GroupNorm, LayerNorm, Linear, silu_, upsample_conv
 
 
 @dataclass(frozen=True)
@@ -264,11 +264,11 @@ class TimestepBlock(nn.Sequential):
 
 
 class UNet(nn.Module):
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = c = config
         mc, g, emb_dim = c.model_channels, c.norm_groups, 4 * c.model_channels
-        self.compute_dtype = None  # None: compute in the parameters' dtype (see layers.py)
+        self.compute_dtype = compute_dtype  # None: the parameters' dtype (see layers.py)
         self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
 
         self.input_blocks = nn.ModuleList([TimestepBlock(Conv2d(c.in_channels, mc, 3, padding=1))])
@@ -300,10 +300,11 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepBlock(*layers))
 
         self.out = nn.Sequential(GroupNorm(g, ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
+        channels_last_(self)  # it runs on channels_last activations (see forward)
 
     def forward(self, x, timesteps, context):
         """(B, in, h, w), scalar or (B,) timesteps, (B, M, context_dim) -> (B, out, h, w) in x's dtype."""
-        dtype = work_dtype(self, self.out[2].weight)
+        dtype = self.compute_dtype or self.out[2].weight.dtype
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         # channels_last: oneDNN convolutions run without reordering activations, and the transformers'

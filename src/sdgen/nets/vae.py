@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import SdgenError
-from .layers import Conv2d, GroupNorm, norm_silu_conv, upsample_conv, work_dtype
+from .. import SdgenError
+from .layers import Conv2d, GroupNorm, norm_silu_conv, upsample_conv
 
 SD1_NORM_GROUPS = 32
 SD1_SCALING_FACTOR = 0.18215
@@ -254,7 +254,7 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    def __init__(self, config: VAEConfig):
+    def __init__(self, config: VAEConfig, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
         z = config.latent_channels
@@ -263,14 +263,14 @@ class VAE(nn.Module):
         self.quant_conv = Conv2d(2 * z, 2 * z, 1)
         self.post_quant_conv = Conv2d(z, z, 1)
 
-        self.compute_dtype = None  # None: compute in the parameters' dtype (see layers.py)
+        self.compute_dtype = compute_dtype  # None: the parameters' dtype (see layers.py)
 
     def _place(self, x, scale=1.0) -> Tensor:
         """x on the weights' device, divided by `scale` in at least fp32, then in the compute dtype. Kept NCHW, unlike
         the UNet: PyTorch's channels_last CPU GroupNorm sums x and x^2 in fp32, 1e-4 off at 512x512 (NCHW: 1e-7),
         and is 2x slower there, which eats the convolutions' gain."""
         p = self.post_quant_conv.weight
-        dtype = work_dtype(self, p)
+        dtype = self.compute_dtype or p.dtype
         if scale != 1.0:
             wide = torch.promote_types(torch.promote_types(x.dtype, dtype), torch.float32)
             x = x.to(p.device, wide) / scale

@@ -1,0 +1,88 @@
+"""Where and in what precision the networks run: decided once, at load, and kept on the pipeline.
+
+A `Precision` is two dtypes: the one weights are STORED in, and the one the arithmetic runs in. On CUDA, and on
+CPUs with native bf16 (AVX512_BF16/AMX), they are the same. Other CPUs emulate bf16/fp16 arithmetic 50-300x
+slower than fp32, so half-precision storage computes in fp32 there: half the memory at full fp32 speed
+(nets/layers.py casts one layer's weight at a time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import SdgenError
+
+# every name a user may give for a precision (CLI, API, server), one table
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Precision:
+    storage: torch.dtype   # the weights' dtype in memory
+    compute: torch.dtype   # the dtype of activations and arithmetic
+
+    def __str__(self) -> str:
+        if self.compute == self.storage:
+            return _name(self.storage)
+        return f"{_name(self.storage)} (computed in {_name(self.compute)})"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512_BF16 or AMX: bf16 matrix products run at several times fp32 speed. Elsewhere bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_device(device) -> torch.device:
+    """'auto' (or None): CUDA when PyTorch sees a GPU, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str) and device not in DEVICES and not device.startswith("cuda:"):
+        raise SdgenError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SdgenError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SdgenError(f"unsupported device {str(device)!r}: use one of {', '.join(DEVICES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SdgenError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use")
+    return device
+
+
+def check_precision(name) -> None:
+    """Refuse an unknown precision name (cheap; before anything loads)."""
+    if isinstance(name, torch.dtype):
+        if name not in (torch.float32, torch.bfloat16, torch.float16):
+            raise SdgenError(f"unsupported dtype {name}: use float32, bfloat16 or float16")
+    elif name is not None and name not in PRECISIONS:
+        raise SdgenError(f"unknown precision {name!r}: use one of {', '.join(PRECISIONS)}")
+
+
+def resolve_precision(name, device: torch.device) -> Precision:
+    """'auto' stores fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; see the module docstring."""
+    check_precision(name)
+    storage = name if isinstance(name, torch.dtype) else PRECISIONS[name or "auto"]
+    if storage is None:
+        if device.type == "cuda":
+            storage = torch.float16
+        else:
+            storage = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    native = device.type != "cpu" or storage.itemsize >= 4 or (storage == torch.bfloat16 and cpu_has_native_bf16())
+    return Precision(storage, storage if native else torch.float32)

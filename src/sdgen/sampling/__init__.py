@@ -1,0 +1,1 @@
+"""Noise schedules, samplers (one table) and the denoiser wrappers (guidance, prediction type)."""
