@@ -120,13 +120,17 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_offline_missing_hub_model(tmp_path, monkeypatch):
+def test_offline_without_a_model_uses_the_demo_model(tmp_path, monkeypatch):
+    """A fresh machine without hub access: the README's first command makes a picture with the built-in model."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    r = subprocess.run([sys.executable, "-m", "sdgen.cli", "generate", "a cat", "--steps", "1"],
+    out = tmp_path / "cat.png"
+    r = subprocess.run([sys.executable, "-m", "sdgen.cli", "generate", "a cat on a beach", "--steps", "2", "-o", str(out)],
                        capture_output=True, text=True, env={**os.environ})
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "stable-diffusion-v1-5" in r.stderr and "--model" in r.stderr
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "stable-diffusion-v1-5" in r.stderr and "demo model" in r.stderr and "--model" in r.stderr
+    assert r.stdout.strip() == str(out) and Image.open(out).size == (128, 128)
+    assert "Model: demo" in Image.open(out).text["parameters"]
 
 
 def test_info(model, capsys):
@@ -139,7 +143,7 @@ def test_unreachable_hub_is_one_line_without_retries(tmp_path):
     """Offline without HF_HUB_OFFLINE: one line, at once (not the hub client's retries and warnings)."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens on port 9
-    r = subprocess.run([sys.executable, "-m", "sdgen.cli", "generate", "a cat"], capture_output=True, text=True,
-                       env=env, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "sdgen.cli", "generate", "a cat", "--model", "someone/some-model"],
+                       capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "not in the local Hugging Face cache" in r.stderr

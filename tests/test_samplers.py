@@ -5,6 +5,7 @@ tested alone: the same model, the same CFG, the same per-image generators, diffu
 """
 
 import inspect
+from dataclasses import replace
 
 import diffusers
 import pytest
@@ -12,20 +13,16 @@ import torch
 
 import reference
 from sdgen import SdgenError
-from sdgen.guidance import cfg, model_denoiser
-from sdgen.schedule import VP_NATIVE, SchedulerConfig, plan
-from sdgen.samplers import SAMPLERS
+from sdgen.sampling.guidance import cfg, model_denoiser
+from sdgen.sampling.schedule import SchedulerConfig, plan
+from sdgen.sampling.samplers import SAMPLERS, by_label
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
 SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
         "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
         "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
         "clip_sample": False}
-CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
-           "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-           "heun": "HeunDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-           "unipc": "UniPCMultistepScheduler", "lcm": "LCMScheduler"}
-CLASS_EXTRA = {"dpmpp_2m": {"algorithm_type": "dpmsolver++", "solver_order": 2}}
+SD15_CONFIG = SchedulerConfig.from_diffusers(SD15)
 SHAPE = (2, 4, 8, 8)
 TOL = 2e-3
 
@@ -51,10 +48,9 @@ def draw(gens, shape):
 
 
 def scheduler(name, schedule="normal", **extra):
-    kw = {**CLASS_EXTRA.get(name, {}), **extra}
     if schedule == "karras":
-        kw["use_karras_sigmas"] = True
-    return getattr(diffusers, CLASSES[name]).from_config(SD15, **kw)
+        extra["use_karras_sigmas"] = True
+    return getattr(diffusers, SAMPLERS[name].scheduler).from_config(SD15, **extra)
 
 
 def run_diffusers(model, name, steps, schedule="normal", strength=1.0, seed=0, **extra):
@@ -101,7 +97,7 @@ def check(model, name, steps=8, schedule="normal", strength=1.0, **extra):
     # the model was told the same timesteps (diffusers repeats some: Heun's and PNDM's second evaluations)
     assert sorted(set(sched.timesteps.double().tolist())) == sorted(set(p.timesteps.double().tolist())) \
         or strength < 1
-    if name not in VP_NATIVE and strength == 1:  # sigmas correspond one to one on the Euler family
+    if not SAMPLERS[name].vp_native and strength == 1:  # sigmas correspond one to one on the Euler family
         assert torch.allclose(p.sigmas, sched.sigmas.unique_consecutive(), rtol=1e-6)
     assert reference.relerr(ours, ref) < TOL, reference.relerr(ours, ref)
 
@@ -143,7 +139,7 @@ def test_img2img_start(model, name):
     assert p.steps == len(ts)
     assert p.timesteps.tolist() == ts.float().tolist()
     ours = p.start(noise, init)
-    if name in VP_NATIVE:  # diffusers holds the variance-preserving latent x / sqrt(sigma^2 + 1)
+    if SAMPLERS[name].vp_native:  # diffusers holds the variance-preserving latent x / sqrt(sigma^2 + 1)
         ours = ours / (p.sigmas[0] ** 2 + 1) ** 0.5
     assert reference.relerr(ours, ref) < 1e-5
 
@@ -158,7 +154,7 @@ def test_noised_for_inpainting(model, name):
     for i in range(p.steps - 1):
         ref = sched.add_noise(init, noise, sched.timesteps[i + 1:i + 2])
         ours = p.noised(init, noise, i)
-        if name in VP_NATIVE:
+        if SAMPLERS[name].vp_native:
             ours = ours / (p.sigmas[i + 1] ** 2 + 1) ** 0.5
         assert reference.relerr(ours, ref) < 1e-5
     assert p.noised(init, noise, p.steps - 1) is init
@@ -167,13 +163,15 @@ def test_noised_for_inpainting(model, name):
 DETERMINISTIC = ["euler", "heun", "lms", "dpmpp_2m", "unipc", "ddim", "pndm"]
 
 
-@pytest.mark.parametrize("name", DETERMINISTIC)
-def test_known_answer_single_point(name):
+@pytest.mark.parametrize("name,prk", [(name, False) for name in DETERMINISTIC] + [("pndm", True)])
+def test_known_answer_single_point(name, prk):
     """Data concentrated on one point x*: the exact denoiser returns x* for every x, and a deterministic
     sampler must end there (DDIM/PNDM in diffusers' final-latent scale: at sigma_min, not at 0)."""
     target = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    config = SchedulerConfig(set_alpha_to_one=True)  # so that DDIM/PNDM also end at sigma = 0
+    # set_alpha_to_one so that DDIM/PNDM also end at sigma = 0; prk: PNDM with its Runge-Kutta warm-up
+    config = replace(SD15_CONFIG, set_alpha_to_one=True, skip_prk_steps=not prk)
     p = plan(name, 10, config)
+    assert ("rk" in p.extra) == prk
     x = p.start(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)))
     for x in p.run(lambda x, sigma: target.expand_as(x), x, lambda x: torch.randn_like(x)):
         pass
@@ -185,7 +183,7 @@ def test_known_answer_gaussian_data():
     x(sigma) = x_T * sqrt(c^2 + sigma^2) / sqrt(c^2 + sigma_T^2); higher-order samplers follow it more closely
     (30 Karras steps: UniPC 2e-4, LMS 2e-3, Heun and DPM++ 2M 4e-3, Euler 6e-2)."""
     c = 0.5
-    config = SchedulerConfig()
+    config = SD15_CONFIG
     for name, tol in [("unipc", 1e-3), ("lms", 5e-3), ("heun", 1e-2), ("dpmpp_2m", 1e-2), ("euler", 0.1)]:
         p = plan(name, 30, config, "karras")
         x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -198,7 +196,7 @@ def test_known_answer_gaussian_data():
 
 def test_yielded_tensor_is_continued_from():
     """A consumer's in-place change of the yielded x is what the sampler continues from (inpainting)."""
-    p = plan("dpmpp_2m", 6, SchedulerConfig())
+    p = plan("dpmpp_2m", 6, SD15_CONFIG)
     seen = []
 
     def denoiser(x, sigma):
@@ -212,7 +210,7 @@ def test_yielded_tensor_is_continued_from():
 
 
 def test_config_from_diffusers():
-    assert SchedulerConfig.from_diffusers(SD15) == SchedulerConfig.from_diffusers(None) == SchedulerConfig()
+    assert SchedulerConfig.from_diffusers(SD15) == SchedulerConfig.from_diffusers(None)
     c = SchedulerConfig.from_diffusers({**SD15, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
                                         "unknown_key": 3})
     assert c.prediction_type == "v_prediction" and c.timestep_spacing == "trailing"
@@ -249,3 +247,14 @@ def test_cfg_single_call_without_guidance():
     assert torch.equal(cfg(unet, cond, None, 7.5)(x, 0), x * 2)
     assert torch.allclose(cfg(unet, cond, uncond, 7.5)(x, 0), x * (1 + 7.5 * (2 - 1)))
     assert calls == [2, 2, 4]
+
+
+def test_sampler_table():
+    """One record per sampler: its function, A1111 label and diffusers class, found by name or label."""
+    for name, s in SAMPLERS.items():
+        assert s.name == name and s.fn.__name__.startswith("sample_") and hasattr(diffusers, s.scheduler)
+        assert by_label(s.label) is by_label(name.upper()) is by_label(f" {s.label.lower()} ") is s
+    assert by_label("Euler a").name == "euler_a" and by_label("DPM++ 2M").name == "dpmpp_2m"
+    assert by_label("PLMS").name == "pndm"
+    with pytest.raises(SdgenError, match="DPM\\+\\+ 2M"):
+        by_label("Euler Karras")

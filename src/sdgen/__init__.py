@@ -18,4 +18,16 @@ def load(model=None, device="cpu", dtype="float32", **kwargs):
     return _load(model, device=device, dtype=dtype, **kwargs)
 
 
-__all__ = ["load", "SdgenError", "__version__"]
+def __getattr__(name):  # the request and result types, imported on first use (they pull in torch)
+    if name == "GenerationRequest":
+        from .request import GenerationRequest
+
+        return GenerationRequest
+    if name == "Result":
+        from .pipeline import Result
+
+        return Result
+    raise AttributeError(f"module 'sdgen' has no attribute {name!r}")
+
+
+__all__ = ["load", "GenerationRequest", "Result", "SdgenError", "__version__"]

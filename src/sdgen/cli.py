@@ -1,17 +1,20 @@
 """`sdgen generate`, `sdgen info`, `sdgen bench`: argument parsing, progress and files; the work is in the API."""
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from . import SdgenError, __version__
 
+from .formats.tensors import one_line
 from .precision import DEVICES, PRECISIONS
 from .request import SCHEDULES, GenerationRequest
 from .sampling.samplers import SAMPLERS
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MODEL_HELP = ("a .safetensors/.ckpt file, a diffusers folder, a Hugging Face repo id, or 'demo' (the built-in demo "
+              "model); default: SD1.5 from the local Hugging Face cache or the hub, else the demo model")
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,8 +39,7 @@ def build_parser():
     g.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
     g.add_argument("--prompt", help="the prompt")
     g.add_argument("-n", "--negative-prompt", help="what to steer away from")
-    g.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                   help="a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id (default: %(default)s)")
+    g.add_argument("-m", "--model", help=MODEL_HELP)
     g.add_argument("--steps", type=int, help=f"denoising steps (default {d.steps})")
     g.add_argument("--guidance", "--cfg", type=number, help=f"classifier-free guidance scale (default {d.guidance_scale})")
     g.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} or its A1111 name (default {d.sampler})")
@@ -60,10 +62,12 @@ def build_parser():
                    help="PNG path; an existing file is never overwritten: the next free name is used")
 
     i = sub.add_parser("info", help="what a checkpoint holds")
-    i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    i.add_argument("model", nargs="?", help=MODEL_HELP)
     i.add_argument("--precision", choices=list(PRECISIONS), default="auto")
     i.add_argument("--device", default="auto", choices=list(DEVICES))
 
+    sub.add_parser("train-demo", help="train the built-in demo model (python -m sdgen.demo.train; its options "
+                                      "follow: sdgen train-demo --help)", add_help=False)
     sub.add_parser("bench", help="time sdgen against diffusers on an SD1.5-size random model (benchmarks/bench.py; "
                                  "its options follow: sdgen bench --help)", add_help=False)
     return parser
@@ -111,13 +115,16 @@ def cmd_generate(a):
     from . import pipeline
     from .families import open_checkpoint
     from .images import check_output, save_png
+    from .precision import resolve_device, resolve_precision
 
     request = build_request(a)
     output = check_output(Path(a.output))
     # everything the user typed is checked before the (slow) model load; then against the model's own facts
     # (its scheduler, size, inpainting or not), which opening it reads without loading any weight
-    ckpt = open_checkpoint(a.model)
+    ckpt = open_checkpoint(a.model, log=log)
     request = request.resolve(ckpt)
+    device = resolve_device(a.device)
+    pipeline.check_memory(request, ckpt, resolve_precision(a.precision, device), device, loaded=False)
     pipe = pipeline.load(ckpt, device=a.device, dtype=a.precision, log=log)
     if a.seed is None and not a.from_png:
         log(f"seed: {request.seed}")
@@ -161,9 +168,9 @@ def cmd_info(a):
     from .families import open_checkpoint
     from .precision import resolve_device, resolve_precision
 
-    ckpt = open_checkpoint(a.model)
+    ckpt = open_checkpoint(a.model, log=log)
     device = resolve_device(a.device)
-    print(f"model:      {ckpt.path}")
+    print(f"model:      {one_line(str(ckpt.path))}")
     print(f"format:     {ckpt.format}")
     print(f"family:     {ckpt.family.name} ({ckpt.family.label}){' inpainting, 9-channel UNet' if ckpt.inpainting else ''}")
     print(f"dtype:      {ckpt.dtype_on_disk} on disk; runs as {resolve_precision(a.precision, device)} "
@@ -177,8 +184,8 @@ def cmd_info(a):
     print(f"{'total:':<12}{total:>13,} parameters")
     print(f"tokenizer:  {ckpt.tokenizer_dir or 'built-in CLIP vocabulary'}")
     print(f"scheduler:  {'from ' + str(ckpt.path / 'scheduler') if ckpt.format == 'diffusers' else 'SD1.5 defaults'}")
-    ignored = ckpt.ignored
-    shown = ", ".join(ignored[:8]) + (f", ... ({len(ignored)} in all)" if len(ignored) > 8 else "")
+    ignored = ckpt.ignored  # key names from the file: printed escaped, never raw (terminal escape sequences)
+    shown = ", ".join(one_line(k)[:120] for k in ignored[:8]) + (f", ... ({len(ignored)} in all)" if len(ignored) > 8 else "")
     print(f"ignored:    {shown or 'nothing'}")
 
 
@@ -199,17 +206,27 @@ def main(argv=None):
         if argv[:1] == ["bench"]:
             cmd_bench(argv[1:])
             return 0
+        if argv[:1] == ["train-demo"]:
+            from .demo.train import main as train_demo
+
+            return train_demo(argv[1:]) or 0
         a = build_parser().parse_args(argv)
         {"generate": cmd_generate, "info": cmd_info}[a.command](a)
         return 0
     except SdgenError as e:
-        log(f"sdgen: error: {e}")
+        log(f"sdgen: error: {one_line(str(e))}")
         return 1
     except KeyboardInterrupt:
         log("sdgen: interrupted")
         return 130
     except MemoryError:
         log("sdgen: error: out of memory (try a smaller size or batch, or --precision bf16)")
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug of ours: still one line (SDGEN_DEBUG=1 shows the traceback)
+        if os.environ.get("SDGEN_DEBUG"):
+            raise
+        log(f"sdgen: error: internal error ({type(e).__name__}: {one_line(str(e))[:300]}); "
+            "rerun with SDGEN_DEBUG=1 for the traceback and report it")
         return 1
 
 

@@ -6,31 +6,76 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from . import SdgenError
 
 MAX_PIXELS = 4096 * 4096  # an init image or mask larger than this is refused before it is decoded
 
 
+RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")  # what we decode; never EPS/PDF & co.
+MIN_SIDE = 8
+
+
 def open_image(path, what="image"):
-    """Open a user's image file without ever decoding a decompression bomb."""
+    """Open a user's image file: raster formats only (by content, whatever the name says), never decoding a
+    decompression bomb, EXIF orientation applied (phone photos come in upright, as diffusers' load_image does),
+    a GIF's first frame."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SdgenError(f"{path}: {what} not found")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise SdgenError(f"{path}: {what} is {kind}; give an image file (PNG, JPEG, WebP, BMP, TIFF, GIF)")
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=RASTER_FORMATS) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise SdgenError(f"{path}: {what} is {w}x{h}, larger than the {MAX_PIXELS // 1_000_000} megapixels sdgen accepts")
+            if min(w, h) < MIN_SIDE:
+                raise SdgenError(f"{path}: {what} is {w}x{h}; it must be at least {MIN_SIDE}x{MIN_SIDE} pixels")
+            im.seek(0)
             im.load()
-            return im.copy()
+            text = dict(getattr(im, "text", {}) or {})
+            out = ImageOps.exif_transpose(im)
+            out = out.copy() if out is im else out
+            out.info.update(text)
+            return out
     except SdgenError:
         raise
     except Image.DecompressionBombError:  # PIL refuses the header before we see the size
         raise SdgenError(f"{path}: {what} is larger than the {MAX_PIXELS // 1_000_000} megapixels sdgen accepts") from None
-    except (OSError, ValueError) as e:
+    except Image.UnidentifiedImageError:
+        raise SdgenError(f"{path}: not a readable {what}: sdgen reads PNG, JPEG, WebP, BMP, TIFF and GIF") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise SdgenError(f"{path}: not a readable {what} ({e.__class__.__name__}: {e})") from None
+
+
+def as_image(image, what="image") -> Image.Image:
+    """What the API accepts as an image: a PIL image, a path, or a numpy array (H, W[, 3]) of uint8 or of floats in
+    [0, 1] (as diffusers takes them)."""
+    if isinstance(image, (str, Path)):
+        return open_image(image, what)
+    if isinstance(image, np.ndarray):
+        a = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)) or a.size == 0:
+            raise SdgenError(f"{what}: a numpy image must be (H, W), (H, W, 3) or (H, W, 4), not {image.shape}")
+        if a.dtype != np.uint8:
+            if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+                raise SdgenError(f"{what}: a numpy image must be uint8, or floats in [0, 1]")
+            a = (a * 255).round().astype(np.uint8)
+        return check_image(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a), what)
+    return check_image(image, what)
+
+
+def check_image(image, what="image") -> Image.Image:
+    """A PIL image handed to the API: same size limits as a file."""
+    if not isinstance(image, Image.Image):
+        raise SdgenError(f"{what} must be a PIL image or a path to an image file, not {type(image).__name__}")
+    w, h = image.size
+    if w * h > MAX_PIXELS or min(w, h) < MIN_SIDE:
+        raise SdgenError(f"{what} is {w}x{h}; it must be from {MIN_SIDE}x{MIN_SIDE} to {MAX_PIXELS // 1_000_000} megapixels")
+    return image
 
 
 def to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -60,7 +105,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def read_parameters(path) -> str:
     """The A1111 `parameters` text stored in a PNG (tEXt/iTXt chunk)."""
     image = open_image(path, "PNG")
-    text = getattr(image, "text", {}).get("parameters") or image.info.get("parameters")
+    text = image.info.get("parameters")
     if not isinstance(text, str) or not text.strip():
         raise SdgenError(f"{path}: holds no generation parameters (no A1111 'parameters' text)")
     return text

@@ -10,6 +10,7 @@ hook run after every step. One loop then runs the sampler over it.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,24 +30,30 @@ from .request import GenerationRequest
 from .sampling import guidance
 from .sampling.schedule import Plan, plan as make_plan
 
-DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-
 def load(model=None, device="cpu", dtype="float32", *, variant=None, log=None) -> Pipeline:
-    """Load a model from a single file, a diffusers folder or a Hugging Face repo id (default: SD1.5)."""
-    log = log or (lambda msg: None)
+    """Load a model from a single file, a diffusers folder, a Hugging Face repo id or "demo". No model: SD1.5
+    from the local cache or the hub, else the built-in demo model (see families.open_checkpoint)."""
     device = resolve_device(device)
     precision = resolve_precision(dtype, device)
     t0 = time.perf_counter()
-    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(DEFAULT_REPO if model is None else model,
-                                                                         variant=variant)
-    nets = ckpt.load(precision, device)
+    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model, variant=variant,
+                                                                         log=log or _stderr)
     tokenizer = Tokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else Tokenizer.default()
+    text = ckpt.configs["text_encoder"]
+    if max(tokenizer.vocab.values()) >= text.vocab_size or tokenizer.max_length > text.max_positions:
+        raise SdgenError(f"{ckpt.path.name}: the tokenizer (ids up to {max(tokenizer.vocab.values())}, "
+                         f"{tokenizer.max_length} tokens) does not fit the text encoder ({text.vocab_size} ids, "
+                         f"{text.max_positions} positions)")
+    nets = ckpt.load(precision, device)
     pipe = Pipeline(tokenizer=tokenizer, text_encoder=nets["text_encoder"], unet=nets["unet"], vae=nets["vae"],
                     checkpoint=ckpt, device=device, precision=precision, load_seconds=time.perf_counter() - t0)
-    log(f"loaded {ckpt.path.name} ({ckpt.format}, {ckpt.family.name}{' inpainting' if ckpt.inpainting else ''}) "
+    (log or (lambda msg: None))(f"loaded {ckpt.path.name} ({ckpt.format}, {ckpt.family.name}{' inpainting' if ckpt.inpainting else ''}) "
         f"as {precision} on {device} in {pipe.load_seconds:.1f} s")
     return pipe
+
+
+def _stderr(msg):
+    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -167,8 +174,8 @@ class Pipeline:
             if kwargs.get("negative_prompt", "") is None:  # diffusers' default
                 kwargs["negative_prompt"] = ""
             for key in ("init_image", "mask_image"):
-                if kwargs.get(key) is not None and not isinstance(kwargs[key], images.Image.Image):
-                    kwargs[key] = images.open_image(kwargs[key], key.replace("_", " "))
+                if kwargs.get(key) is not None:
+                    kwargs[key] = images.as_image(kwargs[key], key.replace("_", " "))
             request = GenerationRequest(**kwargs) if request is None else GenerationRequest(request, **kwargs)
         return request.resolve(self.checkpoint)
 
@@ -181,16 +188,21 @@ class Pipeline:
         if output_type not in ("pil", "latent"):
             raise SdgenError(f"output_type must be 'pil' or 'latent', not {output_type!r}")
         req = self.request(request, *args, **kwargs)
+        check_memory(req, self.checkpoint, self.precision, self.device, loaded=True)
         timings: dict[str, float] = {}
         x = None
-        for x, i, n in self._denoise(req, timings):
-            if progress:
-                progress(i + 1, n)
-        if output_type == "latent":
-            return Result(x, x, req.seeds, timings, req)
-        t0 = time.perf_counter()
-        pixels = self.decode(x)
-        timings["decode"] = time.perf_counter() - t0
+        with _out_of_memory_as_error(req):
+            for x, i, n in self._denoise(req, timings):
+                if progress:
+                    progress(i + 1, n)
+            if not torch.isfinite(x).all():
+                warnings.warn("the result is not finite (NaN/Inf): the model's weights or this precision overflow; "
+                              "the images will be black (try --precision fp32)", stacklevel=2)
+            if output_type == "latent":
+                return Result(x, x, req.seeds, timings, req)
+            t0 = time.perf_counter()
+            pixels = torch.cat([self.decode(x[i : i + 1]) for i in range(len(x))])  # one image at a time: less memory
+            timings["decode"] = time.perf_counter() - t0
         return Result(images.to_pil(pixels), x, req.seeds, timings, req)
 
     def denoise(self, request=None, /, *args, **kwargs) -> Iterator[tuple[Tensor, int, int]]:
@@ -234,6 +246,65 @@ class Pipeline:
             if count > limit:
                 warnings.warn(f"prompt is {count} tokens long; CLIP reads the first {limit}, the rest is ignored",
                               stacklevel=4)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process may still allocate on `device` (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()}
+        return info.get("MemAvailable")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def memory_needed(req: GenerationRequest, ckpt: Checkpoint, precision: Precision, loaded: bool) -> int:
+    """A generous estimate of the bytes a request needs on top of what is already in memory: the weights (unless
+    loaded), the UNet's activations for the CFG batch, and the VAE decoder's full-resolution activations for one
+    image (images are decoded one at a time). Attention runs blockwise (SDPA), so no (tokens x tokens) matrix."""
+    act = max(4, precision.compute.itemsize)
+    weights = 0 if loaded else sum(ckpt.parameters(c.name) for c in ckpt.family.components) * precision.storage.itemsize
+    batch = req.count * (2 if req.guidance_scale > 1 else 1)
+    unet = ckpt.configs["unet"]
+    latent_pixels = (req.width // 8) * (req.height // 8)
+    unet_bytes = batch * latent_pixels * unet.model_channels * act * 24
+    vae = ckpt.configs["vae"]
+    widest_full_res = vae.ch * max(vae.ch_mult[:2])      # the upsampled level above full resolution
+    decode_bytes = req.width * req.height * widest_full_res * act * 3
+    return weights + max(unet_bytes, decode_bytes) + 2**28
+
+
+def check_memory(req: GenerationRequest, ckpt: Checkpoint, precision: Precision, device, loaded: bool) -> None:
+    """Refuse, in one line and before any work, a request that cannot fit in memory."""
+    need, have = memory_needed(req, ckpt, precision, loaded), available_memory(torch.device(device))
+    if have is not None and need > have:
+        raise SdgenError(f"{req.width}x{req.height} x {req.count} image(s) needs about {need / 2**30:.1f} GiB of memory "
+                         f"but {have / 2**30:.1f} GiB is available: use a smaller size or batch")
+
+
+class _out_of_memory_as_error:
+    """An allocation failure while generating becomes the one out-of-memory line."""
+
+    def __init__(self, req):
+        self.req = req
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is None:
+            return False
+        text = str(error).lower()
+        if issubclass(kind, MemoryError) or "out of memory" in text or "not enough memory" in text \
+                or "can't allocate memory" in text or "failed to allocate" in text:
+            raise SdgenError(f"out of memory generating {self.req.width}x{self.req.height} x {self.req.count}: "
+                             "try a smaller size or batch, or --precision bf16") from None
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- modes

@@ -21,6 +21,7 @@ from typing import Protocol
 from PIL import Image
 
 from . import SdgenError
+from .images import check_image
 from .sampling.samplers import SAMPLERS, by_label
 from .sampling.schedule import SchedulerConfig, plan
 
@@ -140,8 +141,8 @@ class GenerationRequest:
             if v is not None and (not _whole(v) or not 8 <= v <= MAX_SIDE or v % 8):
                 bad(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, not {v!r}")
         for name in ("init_image", "mask_image"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), Image.Image):
-                bad(f"{name} must be a PIL image (open files with sdgen.images.open_image)")
+            if getattr(self, name) is not None:
+                check_image(getattr(self, name), name.replace("_", " "))
         layers = model.text_layers if model is not None else 12
         if not _whole(self.clip_skip) or not 1 <= self.clip_skip <= layers:
             bad(f"clip skip must be a whole number from 1 to {layers} (the text encoder's layers), "
@@ -165,9 +166,9 @@ class GenerationRequest:
     def parameters(self, model_name: str | None = None, index: int = 0) -> str:
         """The A1111 `parameters` text of image `index` (seed + index), as A1111, ComfyUI and image sites read it."""
         fields_ = {"Steps": self.steps, "Sampler": SAMPLERS[self.sampler].label,
-                   "Schedule type": SCHEDULES[self.schedule] if self.schedule != "normal" else None,
                    "CFG scale": _num(self.guidance_scale), "Seed": self.seeds[index],
                    "Size": f"{self.width}x{self.height}", "Model": model_name,
+                   "Schedule type": SCHEDULES[self.schedule] if self.schedule != "normal" else None,
                    "Denoising strength": _num(self.strength) if self.init_image is not None else None,
                    "Clip skip": self.clip_skip if self.clip_skip != 1 else None}
         lines = [self.prompts[index]]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import SdgenError
-from ..formats import (TensorRef, component_patterns, is_repo_id, read_component, read_json, read_weights_file,
+from ..formats import (Offline, TensorRef, component_patterns, is_repo_id, read_component, read_json, read_weights_file,
                        snapshot)
 from ..precision import Precision
 from ..sampling.schedule import SchedulerConfig
@@ -135,8 +135,37 @@ def load_network(component: Component, config, refs: dict[str, TensorRef], preci
 # ------------------------------------------------------------------------------------------ opening
 
 
-def open_checkpoint(source, *, variant: str | None = None) -> Checkpoint:
-    """A single file (.safetensors/.ckpt/.pt/.bin), a diffusers folder, or a Hugging Face repo id; read lazily."""
+DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEMO = "demo"   # the built-in demo model (sdgen/data/demo.safetensors), trained by sdgen itself
+
+
+def demo_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "data" / "demo.safetensors"
+
+
+def open_checkpoint(source=None, *, variant: str | None = None, log=None) -> Checkpoint:
+    """A single file (.safetensors/.ckpt/.pt/.bin), a diffusers folder, a Hugging Face repo id, or "demo"; read
+    lazily. No source: SD1.5 from the local Hugging Face cache, else from the hub when it is reachable, else the
+    built-in demo model, with one line through `log` saying so."""
+    if source is None:
+        try:
+            return open_checkpoint(DEFAULT_REPO, variant=variant)
+        except Offline:
+            if not demo_path().is_file():
+                raise
+            (log or print)(f"note: {DEFAULT_REPO} is not in the local Hugging Face cache and the hub cannot be "
+                           "reached: using the built-in demo model (coloured shapes, 128x128). For real images "
+                           "give a checkpoint: --model path/to/model.safetensors")
+            source = DEMO
+    if source == DEMO:
+        if not demo_path().is_file():
+            raise SdgenError("the built-in demo model is not in this install (sdgen/data/demo.safetensors); "
+                             "train it with: sdgen train-demo --out DIR")
+        return _from_single_file(DEMO, demo_path())
+    return _open(source, variant)
+
+
+def _open(source, variant: str | None) -> Checkpoint:
     from . import sd1
 
     if not isinstance(source, (str, Path)):
@@ -205,6 +234,14 @@ def _adapt(component: Component, refs: dict[str, TensorRef], ignored: list[str],
     return refs
 
 
+def _check_floats(name: str, component: Component, refs: dict[str, TensorRef]) -> None:
+    """Weights a network uses are floating point (integer buffers such as position_ids are ignored before this)."""
+    bad = next((k for k, r in refs.items() if not r.is_float), None)
+    if bad is not None:
+        dtype = str(refs[bad].dtype).removeprefix("torch.")
+        raise SdgenError(f"{name}: {component.network.__name__} weight {bad!r} is {dtype}, not floating point")
+
+
 def _from_single_file(source: str, path: Path) -> Checkpoint:
     fmt = "safetensors" if path.suffix == ".safetensors" else "ckpt"
     refs, metadata = read_weights_file(path)
@@ -219,8 +256,12 @@ def _from_single_file(source: str, path: Path) -> Checkpoint:
             ignored.append(key)
     for c in family.components:
         tensors[c.name] = _adapt(c, tensors[c.name], ignored, c.prefix)
-    configs = {c.name: c.config.from_shapes({k: r.shape for k, r in tensors[c.name].items()})
-               for c in family.components}
+        _check_floats(path.name, c, tensors[c.name])
+    try:
+        configs = {c.name: c.config.from_shapes({k: r.shape for k, r in tensors[c.name].items()})
+                   for c in family.components}
+    except SdgenError as e:
+        raise SdgenError(f"{path.name}: {e}") from None
     family.check(path.name, configs)
     return Checkpoint(source=source, path=path, format=fmt, family=family, tensors=tensors, configs=configs,
                       scheduler=SchedulerConfig.from_diffusers(dict(family.scheduler)),
@@ -241,12 +282,13 @@ def _from_diffusers(source: str, folder: Path, variant: str | None) -> Checkpoin
         if not (folder / c.name / "config.json").is_file():
             raise SdgenError(f"{folder}: not a complete diffusers folder: {c.name}/config.json is missing")
         raw_configs[c.name] = read_json(folder / c.name / "config.json")
-        configs[c.name] = c.config.from_diffusers(raw_configs[c.name])
+        configs[c.name] = c.config.from_diffusers(raw_configs[c.name], where=f"{c.name}/config.json")
     family.check(folder.name, configs)
     for c in family.components:
         renames = c.renames(configs[c.name])
         raw = read_component(folder, c.name, variant, names)
         tensors[c.name] = _adapt(c, {renames.get(k, k): r for k, r in raw.items()}, ignored, c.name + "/")
+        _check_floats(folder.name, c, tensors[c.name])
     sched = folder / "scheduler" / "scheduler_config.json"
     tok = folder / "tokenizer"
     return Checkpoint(source=source, path=folder, format="diffusers", family=family, tensors=tensors, configs=configs,

@@ -11,16 +11,10 @@ from typing import Mapping
 
 from .. import SdgenError
 from ..nets import clip, unet, vae
+from ..sampling.schedule import SD15_SCHEDULER  # what a single file implies
 from . import Component, Family
 
 SUPPORTED = "sdgen supports Stable Diffusion 1.x"
-
-# The real SD1.5 scheduler_config.json (diffusers 0.6.0): what a single file implies.
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "trained_betas": None,
-}
 
 COMPONENTS = (
     Component("unet", "model.diffusion_model.", unet.UNet, unet.UNetConfig, unet.diffusers_renames),

@@ -5,10 +5,12 @@
 """
 
 from .folders import WEIGHT_SUFFIXES, component_patterns, pick_weight_files, read_component, read_json, read_weights_file
-from .hub import is_repo_id, snapshot
+from .hub import Offline, is_repo_id, snapshot
+from .checks import Fields, index_of, shape_of
 from .pickles import read_torch_file
 from .safetensors import read_safetensors
 from .tensors import TensorRef
 
 __all__ = ["TensorRef", "read_weights_file", "read_safetensors", "read_torch_file", "read_json", "read_component",
-           "pick_weight_files", "component_patterns", "snapshot", "is_repo_id", "WEIGHT_SUFFIXES"]
+           "pick_weight_files", "component_patterns", "snapshot", "is_repo_id", "Offline", "WEIGHT_SUFFIXES", "Fields",
+           "shape_of", "index_of"]

@@ -3,14 +3,14 @@ component folder hold its weights (variants, shards). Component names are the ca
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from .. import SdgenError
+from .jsons import MAX_JSON, JsonError, loads
 from .pickles import read_torch_file
 from .safetensors import read_safetensors
-from .tensors import TensorRef, _bad
+from .tensors import TensorRef, _bad, _key, one_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
 
@@ -54,15 +54,7 @@ def pick_weight_files(names: set[str], component: str, variant: str | None) -> t
 def read_component(folder: Path, component: str, variant: str | None, names: set[str]) -> dict[str, TensorRef]:
     files, index = pick_weight_files(names, component, variant)
     if index is not None:
-        try:
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise _bad(folder / index, "is not a valid weight index (no weight_map)") from None
-        files = [f"{component}/{s}" for s in shards]
-        for s in shards:
-            if "/" in s or "\\" in s or s.startswith("."):
-                raise _bad(folder / index, f"names a shard outside its folder: {s!r}")
+        files = [f"{component}/{s}" for s in _shards(folder / index)]
     if not files:
         want = f" (variant {variant!r})" if variant else ""
         raise SdgenError(f"{folder}: no weights for {component}{want} in {component}/")
@@ -71,20 +63,56 @@ def read_component(folder: Path, component: str, variant: str | None, names: set
         p = folder / name
         if not p.is_file():
             raise SdgenError(f"{p}: shard listed in {index} is missing")
-        refs.update(read_weights_file(p)[0])
+        part = read_weights_file(p)[0]
+        twice = next((k for k in part if k in refs), None)
+        if twice is not None:
+            raise _bad(p, f"tensor {_key(twice)} is also in another shard")
+        refs.update(part)
     return refs
 
+
+_SHARD_NAME = re.compile(r"\w[\w.+-]{0,199}")
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a weight index names: plain file names next to it, never a path out of the folder."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _where(index, "is not a valid weight index (no weight_map)")
+    shards = set()
+    for key, shard in weight_map.items():
+        if type(shard) is not str:
+            raise _where(index, f"field 'weight_map': tensor {_key(key)} maps to a {type(shard).__name__}, "
+                                "not a file name")
+        if shard not in shards:
+            if not _SHARD_NAME.fullmatch(shard) or ".." in shard or not shard.endswith(WEIGHT_SUFFIXES):
+                raise _where(index, "field 'weight_map': names a shard outside its folder or not a weights file: "
+                                    f"{_key(shard)}")
+            shards.add(shard)
+    return sorted(shards)
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object from a config, index or tokenizer file: size and nesting bounded, repeated keys refused; any
+    problem is one line naming the file (with its folder: `unet/config.json`)."""
     try:
-        out = json.loads(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_JSON:
+            raise _where(path, f"is {size} bytes: too big for a config file")
+        out = loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise SdgenError(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise _bad(path, f"is not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, JsonError) as e:
+        raise _where(path, f"is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(out, dict):
-        raise _bad(path, "is not a JSON object")
+        raise _where(path, "is not a JSON object")
     return out
 
+
+def _where(path: Path, what: str) -> SdgenError:
+    """An error naming a file in a model folder by its folder and name (`unet/config.json`)."""
+    name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return SdgenError(one_line(f"{name}: {what}"))
 
 
 def component_patterns(components, variant: str | None, names: set[str] | None) -> list[str]:

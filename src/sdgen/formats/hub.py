@@ -10,6 +10,10 @@ from .. import SdgenError
 
 T = TypeVar("T")
 
+
+class Offline(SdgenError):
+    """The repo is not in the local cache and the hub cannot be reached."""
+
 def reachable(endpoint: str, timeout: float = 3.0) -> bool:
     """Can the hub's host be resolved and reached? Offline, this answers in moments instead of the hub client's
     half a minute of retries."""
@@ -46,7 +50,7 @@ def snapshot(repo: str, patterns: Callable[[set[str] | None], list[str]], open_f
             if constants.HF_HUB_OFFLINE:  # what the cache holds is all there is
                 raise
     if constants.HF_HUB_OFFLINE or not reachable(constants.ENDPOINT):
-        raise SdgenError(offline_hint)
+        raise Offline(offline_hint)
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.set_verbosity_error()  # its retry warnings would bury our one line
@@ -54,11 +58,11 @@ def snapshot(repo: str, patterns: Callable[[set[str] | None], list[str]], open_f
         names = set(HfApi().list_repo_files(repo))
         folder = Path(snapshot_download(repo, allow_patterns=patterns(names)))
     except LocalEntryNotFoundError:
-        raise SdgenError(offline_hint) from None
+        raise Offline(offline_hint) from None
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo: one line for the user
         kind = type(e).__name__
         if "Connect" in kind or "Timeout" in kind or "Offline" in kind:
-            raise SdgenError(offline_hint) from None
+            raise Offline(offline_hint) from None
         raise SdgenError(f"{repo}: could not download from Hugging Face ({kind}: {str(e).splitlines()[0][:200]})"
                          ) from None
     return open_folder(folder)

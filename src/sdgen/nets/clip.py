@@ -6,6 +6,7 @@ Attribute paths are transformers' `CLIPTextModel` keys, which SD1 single files s
 Pre-LN blocks, causal self-attention, quick-GELU MLP, final LayerNorm.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import SdgenError
+from ..formats import Fields, index_of, shape_of
 from .layers import LayerNorm, Linear
 
 
@@ -32,31 +34,65 @@ class CLIPConfig:
     def from_shapes(cls, shapes: Mapping[str, tuple]) -> "CLIPConfig":
         """Sizes from the tensor shapes (keys as in this module). Heads are not in the shapes: the SD1 family
         constant (12, CLIP ViT-L/14) applies."""
-        try:
-            vocab_size, hidden = shapes["text_model.embeddings.token_embedding.weight"]
-            max_positions = shapes["text_model.embeddings.position_embedding.weight"][0]
-            intermediate = shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0]
-        except KeyError as e:
-            raise SdgenError(f"text encoder weights lack {e.args[0]}") from None
+        vocab_size, hidden = shape_of(shapes, "text_model.embeddings.token_embedding.weight", (2,), "text encoder")
+        max_positions = shape_of(shapes, "text_model.embeddings.position_embedding.weight", (2,), "text encoder")[0]
+        intermediate = shape_of(shapes, "text_model.encoder.layers.0.mlp.fc1.weight", (2,), "text encoder")[0]
         prefix = "text_model.encoder.layers."
-        layers = {int(k[len(prefix):].split(".")[0]) for k in shapes if k.startswith(prefix)}
-        return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_layers=len(layers),
-                   num_heads=cls.num_heads, max_positions=max_positions)
+        layers = {index_of(k[len(prefix):].split(".")[0]) for k in shapes if k.startswith(prefix)} - {None}
+        config = cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_layers=len(layers),
+                     num_heads=cls.num_heads, max_positions=max_positions)
+        problem = config.problem()
+        if problem:
+            raise SdgenError(f"the text encoder weights describe {problem}")
+        return config
 
     @classmethod
-    def from_diffusers(cls, config: dict) -> "CLIPConfig":
-        """A diffusers `text_encoder/config.json` (transformers' CLIPTextConfig)."""
-        d = cls()
-        return cls(
-            vocab_size=config.get("vocab_size", d.vocab_size),
-            hidden_size=config.get("hidden_size", d.hidden_size),
-            intermediate_size=config.get("intermediate_size", d.intermediate_size),
-            num_layers=config.get("num_hidden_layers", d.num_layers),
-            num_heads=config.get("num_attention_heads", d.num_heads),
-            max_positions=config.get("max_position_embeddings", d.max_positions),
-            layer_norm_eps=config.get("layer_norm_eps", d.layer_norm_eps),
-            act=config.get("hidden_act", d.act),
+    def from_diffusers(cls, config: dict, where: str = "config.json") -> "CLIPConfig":
+        """A diffusers `text_encoder/config.json` (transformers' CLIPTextConfig); a value of the wrong type or range,
+        or one this encoder cannot build, is one line naming `where` and the field."""
+        f, d = Fields(config, where), cls()
+        hidden = f.int("hidden_size", d.hidden_size, 1, _MAX_WIDTH)
+        heads = f.int("num_attention_heads", d.num_heads, 1, hidden)
+        if hidden % heads:
+            raise f.error("num_attention_heads", f"{heads} heads do not divide hidden_size {hidden}")
+        out = cls(
+            vocab_size=f.int("vocab_size", d.vocab_size, 1, _MAX_VOCAB),
+            hidden_size=hidden,
+            intermediate_size=f.int("intermediate_size", d.intermediate_size, 1, 4 * _MAX_WIDTH),
+            num_layers=f.int("num_hidden_layers", d.num_layers, 1, _MAX_LAYERS),
+            num_heads=heads,
+            max_positions=f.int("max_position_embeddings", d.max_positions, 1, _MAX_POSITIONS),
+            layer_norm_eps=f.float("layer_norm_eps", d.layer_norm_eps, 0.0, 1.0, above=True),
+            act=f.str("hidden_act", d.act, choices=_ACTS),
         )
+        problem = out.problem()
+        if problem:
+            raise SdgenError(f"{where}: {problem}")
+        return out
+
+    def problem(self) -> str | None:
+        """What makes these sizes unbuildable or absurd (a lying file or config), or None."""
+        bounds = [("vocab_size", self.vocab_size, _MAX_VOCAB), ("hidden_size", self.hidden_size, _MAX_WIDTH),
+                  ("intermediate_size", self.intermediate_size, 4 * _MAX_WIDTH),
+                  ("num_layers", self.num_layers, _MAX_LAYERS), ("num_heads", self.num_heads, _MAX_WIDTH),
+                  ("max_positions", self.max_positions, _MAX_POSITIONS)]
+        for name, value, hi in bounds:
+            if not 1 <= value <= hi:
+                return f"{name}={value}, out of range (1 to {hi})"
+        if self.hidden_size % self.num_heads:
+            return f"hidden_size={self.hidden_size}, not a whole number of {self.num_heads} heads"
+        if not (math.isfinite(self.layer_norm_eps) and 0 < self.layer_norm_eps <= 1):
+            return f"layer_norm_eps={self.layer_norm_eps}, not a small positive number"
+        if self.act not in _ACTS:
+            return f"activation {self.act!r}, not one of {', '.join(_ACTS)}"
+        return None
+
+
+_MAX_VOCAB = 2**20      # CLIP: 49408
+_MAX_WIDTH = 2**14      # CLIP ViT-L: 768, OpenCLIP ViT-bigG: 1280
+_MAX_LAYERS = 256       # real: 12 to 32
+_MAX_POSITIONS = 2**16  # real: 77
+_ACTS = ("quick_gelu", "gelu")
 
 
 def _keys(config: CLIPConfig):

@@ -10,7 +10,6 @@ ftfy is not used (the reference does not use it either).
 """
 
 import gzip
-import json
 import re
 import unicodedata
 from functools import lru_cache
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 
 from .. import SdgenError
+from ..formats import read_json
+from ..formats.jsons import MAX_JSON
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
@@ -128,38 +129,56 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder):
-        """A diffusers `tokenizer/` folder: vocab.json + merges.txt (or tokenizer.json) and the special tokens."""
+        """A diffusers `tokenizer/` folder: vocab.json + merges.txt (or tokenizer.json) and the special tokens. A file
+        that is not what transformers writes (not JSON, wrong shapes, merges whose tokens the vocabulary lacks) is one
+        line naming it."""
         folder = Path(folder)
         if not folder.is_dir():
             raise SdgenError(f"tokenizer folder {folder} does not exist")
-        config = {}
+        added, tokens, max_length = {}, {}, MAX_LENGTH
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins, as in transformers
             if (folder / name).is_file():
-                config.update(json.loads((folder / name).read_text(encoding="utf-8")))
-
-        def content(token):
-            return token.get("content") if isinstance(token, dict) else token
-
-        added = {content(t): int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
-        specials = list(added)
-        specials += [content(config.get(k)) for k in ("bos_token", "eos_token", "unk_token") if config.get(k)]
-        pad = content(config.get("pad_token")) or EOS
-        max_length = config.get("model_max_length", MAX_LENGTH)
-        max_length = max_length if isinstance(max_length, int) and 2 < max_length <= 4096 else MAX_LENGTH
+                config, where = read_json(folder / name), f"{folder.name}/{name}"
+                if "added_tokens_decoder" in config:
+                    added = _added_tokens(config, where)
+                tokens.update({k: _token(config[k], where, k) for k in ("bos_token", "eos_token", "unk_token",
+                                                                        "pad_token") if k in config})
+                n = config.get("model_max_length", max_length)
+                max_length = n if type(n) is int and 2 < n <= 4096 else MAX_LENGTH  # huge: "no limit"
+        pad = tokens.pop("pad_token", None) or EOS
+        specials = list(added) + [t for t in tokens.values() if t]
 
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+            where = f"{folder.name}/vocab.json"
+            vocab = _vocab(read_json(folder / "vocab.json"), where)
+            merges = _merges(folder / "merges.txt", f"{folder.name}/merges.txt")
         elif (folder / "tokenizer.json").is_file():  # what transformers >= 5 writes
-            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-            vocab = model["vocab"]
-            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            where = f"{folder.name}/tokenizer.json"
+            model = read_json(folder / "tokenizer.json").get("model")
+            if not isinstance(model, dict):
+                raise SdgenError(f"{where}: field 'model' is not an object")
+            vocab = _vocab(model.get("vocab"), where)
+            merges = model.get("merges")
+            if not isinstance(merges, list) or not all(
+                    type(m) is str and len(m.split()) == 2 or type(m) is list and len(m) == 2 and
+                    all(type(t) is str and t for t in m) for m in merges):
+                raise SdgenError(f"{where}: field 'merges' is not a list of token pairs")
+            merges = [tuple(m.split()) if type(m) is str else tuple(m) for m in merges]
         else:
             default = cls.default()
-            vocab, merges = default.vocab, list(default.ranks)
+            return cls({**added, **default.vocab}, list(default.ranks), pad=pad, specials=specials,
+                       max_length=max_length)
         vocab = {**added, **vocab}  # added tokens (e.g. textual inversion words) may live outside vocab.json
-        return cls(vocab, merges, pad=pad, specials=[s for s in specials if s], max_length=max_length)
+        # BPE looks up every byte symbol and every merge result: a vocabulary without them would fail mid-prompt
+        missing = next((t for t in (*_VOCAB_CHARS, *(c + "</w>" for c in _VOCAB_CHARS)) if t not in vocab), None)
+        if missing is None:
+            missing = next(("".join(m) for m in merges if "".join(m) not in vocab), None)
+        if missing is not None:
+            raise SdgenError(f"{where}: the vocabulary lacks the token {missing[:60]!r}, which BPE makes")
+        try:
+            return cls(vocab, merges, pad=pad, specials=specials, max_length=max_length)
+        except SdgenError as e:
+            raise SdgenError(f"{where}: {e}") from None
 
     def _bpe(self, piece):
         """One pre-tokenised piece -> ids. Cached: prompts repeat words."""
@@ -209,3 +228,53 @@ class Tokenizer:
             ids = [self.bos_id, *self.encode(text)[: self.max_length - 2], self.eos_id]
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer files
+
+_MAX_ID = 2**20  # token ids (CLIP: 49408)
+
+
+def _token(value, where: str, field: str) -> str | None:
+    """A special token as transformers writes it: a string, or {"content": string, ...}."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and (type(text) is not str or not 0 < len(text) <= 256):
+        raise SdgenError(f"{where}: field {field!r} is not a token (a short string)")
+    return text or None
+
+
+def _added_tokens(config: dict, where: str) -> dict[str, int]:
+    """added_tokens_decoder: {"49406": {"content": "<|startoftext|>", ...}, ...} -> {token: id}."""
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise SdgenError(f"{where}: field 'added_tokens_decoder' is not an object")
+    out = {}
+    for i, t in decoder.items():
+        if not (i.isascii() and i.isdigit() and int(i) < _MAX_ID):
+            raise SdgenError(f"{where}: field 'added_tokens_decoder': {i[:40]!r} is not a token id")
+        out[_token(t, where, "added_tokens_decoder")] = int(i)
+    out.pop(None, None)
+    return out
+
+
+def _vocab(vocab, where: str) -> dict[str, int]:
+    if not isinstance(vocab, dict) or not all(type(i) is int and 0 <= i < _MAX_ID for i in vocab.values()):
+        raise SdgenError(f"{where}: the vocabulary is not an object of token ids (0 to {_MAX_ID - 1})")
+    return vocab
+
+
+def _merges(path: Path, where: str) -> list[tuple[str, str]]:
+    if path.stat().st_size > MAX_JSON:
+        raise SdgenError(f"{where}: is {path.stat().st_size} bytes: too big for a merges file")
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SdgenError(f"{where}: is not readable UTF-8 text ({type(e).__name__})") from None
+    merges = []
+    for number, line in enumerate(lines, 1):
+        if line and not line.startswith("#version"):
+            pair = tuple(line.split())
+            if len(pair) != 2:
+                raise SdgenError(f"{where}: line {number} is not a pair of tokens")
+            merges.append(pair)
+    return merges

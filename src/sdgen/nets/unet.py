@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import SdgenError
+from ..formats import Fields, index_of, shape_of
 from .layers import Conv2d, channels_last_, GroupNorm, LayerNorm, Linear, silu_, upsample_conv
 
 
@@ -47,72 +48,122 @@ class UNetConfig:
     def from_shapes(cls, shapes: Mapping[str, tuple]) -> "UNetConfig":
         """Sizes off the tensor shapes (our key names); heads and groups are SD1 family constants."""
         shapes = {k: tuple(v) for k, v in shapes.items()}
-        try:
-            conv_in = shapes["input_blocks.0.0.weight"]
-            out_channels = shapes["out.2.weight"][0]
-        except KeyError as e:
-            raise SdgenError(f"not a Stable Diffusion UNet: missing {e.args[0]}") from None
+        conv_in = shape_of(shapes, "input_blocks.0.0.weight", (4,), "UNet")
+        out_channels = shape_of(shapes, "out.2.weight", (4,), "UNet")[0]
         mc = conv_in[0]
-        downs = sorted(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.") and k.endswith(".0.op.weight"))
+        blocks = {k: index_of(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.")}
+        downs = sorted(i for k, i in blocks.items() if i is not None and k.endswith(".0.op.weight"))
         n_levels = len(downs) + 1
-        last = max(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks."))
+        last = max((i for i in blocks.values() if i is not None), default=0)
         n = downs[0] - 1 if downs else last  # input_blocks.{n+1} is the first Downsample
         mult, attn = [], []
-        for level in range(n_levels):
+        for level in range(min(n_levels, _MAX_LEVELS + 1)):
             first = f"input_blocks.{1 + level * (n + 1)}"
             w = shapes.get(f"{first}.0.out_layers.3.weight")
-            if w is None or w[0] % mc:
+            if w is None or len(w) != 4 or w[0] % mc:
                 raise SdgenError(f"unexpected UNet layout at {first}")
             mult.append(w[0] // mc)
             if f"{first}.1.proj_in.weight" in shapes:
                 attn.append(level)
-        proj = shapes.get("middle_block.1.proj_in.weight")
-        to_k = shapes.get("middle_block.1.transformer_blocks.0.attn2.to_k.weight")
-        if proj is None or to_k is None:
-            raise SdgenError("not a Stable Diffusion UNet: the middle block has no cross attention")
+        proj = shape_of(shapes, "middle_block.1.proj_in.weight", (2, 4), "UNet")
+        to_k = shape_of(shapes, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", (2,), "UNet")
         depth = len({k.split(".")[3] for k in shapes if k.startswith("middle_block.1.transformer_blocks.")})
-        return cls(in_channels=conv_in[1], out_channels=out_channels, model_channels=mc, channel_mult=tuple(mult),
-                   num_res_blocks=n, attention_levels=tuple(attn), context_dim=to_k[1], transformer_depth=depth,
-                   linear_proj=len(proj) == 2)
+        config = cls(in_channels=conv_in[1], out_channels=out_channels, model_channels=mc, channel_mult=tuple(mult),
+                     num_res_blocks=n, attention_levels=tuple(attn), context_dim=to_k[1], transformer_depth=depth,
+                     linear_proj=len(proj) == 2)
+        problem = config.problem()
+        if problem:
+            raise SdgenError(f"the UNet weights describe {problem}")
+        return config
 
     @classmethod
-    def from_diffusers(cls, config: dict) -> "UNetConfig":
-        """From a diffusers UNet2DConditionModel config.json."""
-        boc = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
-        mc = boc[0]
-        down = config.get("down_block_types", ())
+    def from_diffusers(cls, config: dict, where: str = "config.json") -> "UNetConfig":
+        """From a diffusers UNet2DConditionModel config.json; a value of the wrong type or range, or one this UNet
+        cannot build, is one line naming `where` and the field."""
+        f = Fields(config, where)
         for key in ("class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
             if config.get(key) is not None:
-                raise SdgenError(f"unsupported diffusers UNet: {key}={config[key]!r}")
-        if any(c % mc for c in boc) or len(down) != len(boc):
-            raise SdgenError(f"unsupported diffusers UNet: block_out_channels={boc}")
+                raise f.error(key, "is set: not an SD1/SD2 UNet (unsupported)")
+        boc = f.ints("block_out_channels", (320, 640, 1280, 1280), 1, _MAX_CHANNELS, max_len=_MAX_LEVELS)
+        mc = boc[0]
+        if any(c % mc for c in boc):
+            raise f.error("block_out_channels", f"{list(boc)}: each must be a multiple of the first (unsupported)")
+        down = f.strs("down_block_types", _DOWN_BLOCKS, max_len=_MAX_LEVELS)
+        if len(down) != len(boc):
+            raise f.error("down_block_types", f"has {len(down)} entries, block_out_channels {len(boc)}")
+        attention_levels = tuple(i for i, t in enumerate(down) if "CrossAttn" in t)
         uniform = {}
-        for key, default in (("layers_per_block", 2), ("transformer_layers_per_block", 1), ("cross_attention_dim", 768)):
-            v = config.get(key, default)
-            vs = set(v) if isinstance(v, (list, tuple)) else {v}
-            if len(vs) != 1:
-                raise SdgenError(f"unsupported diffusers UNet: {key}={v!r} differs between levels")
-            uniform[key] = vs.pop()
+        for key, default, hi in (("layers_per_block", 2, _MAX_BLOCKS), ("transformer_layers_per_block", 1, _MAX_BLOCKS),
+                                 ("cross_attention_dim", 768, _MAX_CHANNELS)):
+            values = f.ints(key, default, 1, hi, max_len=_MAX_LEVELS, scalar=True)
+            if len(set(values)) != 1:
+                raise f.error(key, f"{list(values)} differs between levels (unsupported)")
+            uniform[key] = values[0]
+        groups = f.int("norm_num_groups", 32, 1, _MAX_CHANNELS)
+        if any(c % groups for c in boc):
+            raise f.error("norm_num_groups", f"{groups} groups do not divide block_out_channels {list(boc)}")
         # Legacy naming: without num_attention_heads, diffusers reads attention_head_dim as the number of HEADS.
-        heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+        heads_key = "num_attention_heads" if config.get("num_attention_heads") is not None else "attention_head_dim"
+        heads = f.ints(heads_key, 8, 1, _MAX_CHANNELS, max_len=_MAX_LEVELS, scalar=True)
         num_heads, head_channels = 8, 0
-        if isinstance(heads, (list, tuple)):
-            if len(set(heads)) == 1:
-                num_heads = heads[0]
-            elif len({c // h for c, h in zip(boc, heads)}) == 1 and all(c % h == 0 for c, h in zip(boc, heads)):
-                head_channels = boc[0] // heads[0]  # SD2: constant 64 channels per head
-            else:
-                raise SdgenError(f"unsupported diffusers UNet: attention heads {heads}")
+        if len(set(heads)) == 1:
+            num_heads = heads[0]
+        elif len(heads) == len(boc) and len({c // h for c, h in zip(boc, heads)}) == 1 and \
+                all(c % h == 0 for c, h in zip(boc, heads)):
+            head_channels = boc[0] // heads[0]  # SD2: constant 64 channels per head
         else:
-            num_heads = heads
-        return cls(in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
-                   model_channels=mc, channel_mult=tuple(c // mc for c in boc),
-                   num_res_blocks=uniform["layers_per_block"],
-                   attention_levels=tuple(i for i, t in enumerate(down) if "CrossAttn" in t),
-                   context_dim=uniform["cross_attention_dim"], num_heads=num_heads,
-                   norm_groups=config.get("norm_num_groups", 32),
-                   transformer_depth=uniform["transformer_layers_per_block"],
-                   linear_proj=bool(config.get("use_linear_projection", False)), head_channels=head_channels)
+            raise f.error(heads_key, f"{list(heads)}: heads that vary this way are unsupported")
+        for i, c in enumerate(boc):  # attention splits these widths in heads (the middle block attends at the last)
+            h = c // head_channels if head_channels else num_heads
+            if (i in attention_levels or i == len(boc) - 1) and (h < 1 or c % h):
+                raise f.error(heads_key, f"{h} heads do not divide the {c} channels of level {i}")
+        sample = config.get("sample_size")
+        if sample is not None:  # families read it for the native size: an integer or [height, width]
+            sizes = f.ints("sample_size", None, 1, 2**16, max_len=2, scalar=True)
+            if type(sample) is not int and len(sizes) != 2:
+                raise f.error("sample_size", f"{list(sizes)} is neither a size nor [height, width]")
+        out = cls(in_channels=f.int("in_channels", 4, 1, _MAX_CHANNELS),
+                  out_channels=f.int("out_channels", 4, 1, _MAX_CHANNELS),
+                  model_channels=mc, channel_mult=tuple(c // mc for c in boc),
+                  num_res_blocks=uniform["layers_per_block"], attention_levels=attention_levels,
+                  context_dim=uniform["cross_attention_dim"], num_heads=num_heads, norm_groups=groups,
+                  transformer_depth=uniform["transformer_layers_per_block"],
+                  linear_proj=f.bool("use_linear_projection", False), head_channels=head_channels)
+        problem = out.problem()
+        if problem:
+            raise SdgenError(f"{where}: {problem}")
+        return out
+
+    def problem(self) -> str | None:
+        """What makes these sizes unbuildable or absurd (a lying file or config), or None: every width a whole
+        number of norm groups and of attention heads, counts within what any real UNet uses."""
+        widths = [self.model_channels * m for m in self.channel_mult]
+        bounds = [("in_channels", self.in_channels, _MAX_CHANNELS), ("out_channels", self.out_channels, _MAX_CHANNELS),
+                  ("model_channels", self.model_channels, _MAX_CHANNELS), ("levels", len(widths), _MAX_LEVELS),
+                  ("num_res_blocks", self.num_res_blocks, _MAX_BLOCKS),
+                  ("transformer_depth", self.transformer_depth, _MAX_BLOCKS),
+                  ("context_dim", self.context_dim, _MAX_CHANNELS), ("num_heads", self.num_heads, _MAX_CHANNELS),
+                  ("norm_groups", self.norm_groups, _MAX_CHANNELS),
+                  *((f"channels of level {i}", c, _MAX_CHANNELS) for i, c in enumerate(widths))]
+        for name, value, hi in bounds:
+            if not 1 <= value <= hi:
+                return f"{name}={value}, out of range (1 to {hi})"
+        if any(not 0 <= level < len(widths) for level in self.attention_levels):
+            return f"attention at levels {self.attention_levels} of {len(widths)}"
+        for i, c in enumerate(widths):
+            if c % self.norm_groups:
+                return f"{c} channels at level {i}, not a multiple of {self.norm_groups} norm groups"
+            attends = i in self.attention_levels or i == len(widths) - 1  # the middle block attends at the last
+            if attends and (self.head_channels < 0 or c % (self.head_channels or self.num_heads)
+                            or self.heads(c) < 1):
+                return f"{c} channels at level {i}, not a whole number of attention heads"
+        return None
+
+
+_MAX_CHANNELS = 2**14  # the widest real UNet: 1280 channels (SD1/SD2/SDXL), 2048-wide text
+_MAX_LEVELS = 8        # real: 3 or 4
+_MAX_BLOCKS = 64       # res blocks per level (real: 2) and transformer depth (SDXL: 10)
+_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # diffusers' default
 
 
 # ---------------------------------------------------------------------------------------------- layers

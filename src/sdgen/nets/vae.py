@@ -5,6 +5,7 @@ as is; a diffusers `vae/` folder is renamed once by `diffusers_renames`. Mid-blo
 either as 1x1 convs (C, C, 1, 1) or linear-shaped (C, C); `fix_shapes` makes them convs.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import SdgenError
+from ..formats import Fields, shape_of
 from .layers import Conv2d, GroupNorm, norm_silu_conv, upsample_conv
 
 SD1_NORM_GROUPS = 32
@@ -37,38 +39,77 @@ class VAEConfig:
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, tuple]) -> "VAEConfig":
         """Sizes from tensor shapes under our (original) key names, without the `first_stage_model.` prefix."""
-        try:
-            conv_in = shapes["encoder.conv_in.weight"]  # (ch, in, 3, 3)
-            ch = conv_in[0]
-            levels = 0
-            while f"encoder.down.{levels}.block.0.conv1.weight" in shapes:
-                levels += 1
-            blocks = 0
-            while f"encoder.down.0.block.{blocks}.conv1.weight" in shapes:
-                blocks += 1
-            ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels))
-            return cls(in_channels=conv_in[1], out_channels=shapes["decoder.conv_out.weight"][0],
-                       latent_channels=shapes["decoder.conv_in.weight"][1], ch=ch, ch_mult=ch_mult,
-                       num_res_blocks=blocks, norm_groups=SD1_NORM_GROUPS, scaling_factor=SD1_SCALING_FACTOR)
-        except KeyError as e:
-            raise SdgenError(f"VAE weights are incomplete: missing {e.args[0]}") from None
+        conv_in = shape_of(shapes, "encoder.conv_in.weight", (4,), "VAE")  # (ch, in, 3, 3)
+        ch = conv_in[0]
+        levels = 0
+        while f"encoder.down.{levels}.block.0.conv1.weight" in shapes:
+            levels += 1
+        blocks = 0
+        while f"encoder.down.0.block.{blocks}.conv1.weight" in shapes:
+            blocks += 1
+        widths = [shape_of(shapes, f"encoder.down.{i}.block.0.conv2.weight", (4,), "VAE")[0] for i in range(levels)]
+        if any(w % ch for w in widths):
+            raise SdgenError(f"the VAE weights describe widths {widths}, not multiples of the first conv's {ch}")
+        config = cls(in_channels=conv_in[1], out_channels=shape_of(shapes, "decoder.conv_out.weight", (4,), "VAE")[0],
+                     latent_channels=shape_of(shapes, "decoder.conv_in.weight", (4,), "VAE")[1], ch=ch,
+                     ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks, norm_groups=SD1_NORM_GROUPS,
+                     scaling_factor=SD1_SCALING_FACTOR)
+        problem = config.problem()
+        if problem:
+            raise SdgenError(f"the VAE weights describe {problem}")
+        return config
 
     @classmethod
-    def from_diffusers(cls, config: dict) -> "VAEConfig":
-        """From a diffusers `vae/config.json` (AutoencoderKL)."""
-        widths = tuple(config.get("block_out_channels", (64,)))
+    def from_diffusers(cls, config: dict, where: str = "config.json") -> "VAEConfig":
+        """From a diffusers `vae/config.json` (AutoencoderKL); a value of the wrong type or range, or one this VAE
+        cannot build, is one line naming `where` and the field."""
+        f = Fields(config, where)
+        widths = f.ints("block_out_channels", (64,), 1, _MAX_CHANNELS, max_len=_MAX_LEVELS)
         ch = widths[0]
         if any(w % ch for w in widths):
-            raise SdgenError(f"VAE block_out_channels {widths} are not multiples of the first one")
-        if not config.get("use_quant_conv", True) or not config.get("use_post_quant_conv", True):
-            raise SdgenError("VAE without quant_conv/post_quant_conv is not an SD1 VAE")
-        if not config.get("mid_block_add_attention", True):
-            raise SdgenError("VAE without mid-block attention is not an SD1 VAE")
-        sf = config.get("scaling_factor")
-        return cls(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
-                   latent_channels=config.get("latent_channels", 4), ch=ch, ch_mult=tuple(w // ch for w in widths),
-                   num_res_blocks=config.get("layers_per_block", 1), norm_groups=config.get("norm_num_groups", 32),
-                   scaling_factor=SD1_SCALING_FACTOR if sf is None else float(sf))
+            raise f.error("block_out_channels", f"{list(widths)} are not multiples of the first one")
+        for key in ("use_quant_conv", "use_post_quant_conv"):
+            if not f.bool(key, True):
+                raise f.error(key, "false: a VAE without quant_conv/post_quant_conv is not an SD1 VAE")
+        if not f.bool("mid_block_add_attention", True):
+            raise f.error("mid_block_add_attention", "false: a VAE without mid-block attention is not an SD1 VAE")
+        groups = f.int("norm_num_groups", 32, 1, _MAX_CHANNELS)
+        if any(w % groups for w in widths):
+            raise f.error("norm_num_groups", f"{groups} groups do not divide block_out_channels {list(widths)}")
+        out = cls(in_channels=f.int("in_channels", 3, 1, _MAX_CHANNELS),
+                  out_channels=f.int("out_channels", 3, 1, _MAX_CHANNELS),
+                  latent_channels=f.int("latent_channels", 4, 1, _MAX_CHANNELS), ch=ch,
+                  ch_mult=tuple(w // ch for w in widths), num_res_blocks=f.int("layers_per_block", 1, 1, _MAX_BLOCKS),
+                  norm_groups=groups,
+                  # latents are multiplied by it and divided by it: zero, NaN or infinite would poison every image
+                  scaling_factor=f.float("scaling_factor", SD1_SCALING_FACTOR, 0.0, 100.0, above=True))
+        problem = out.problem()
+        if problem:
+            raise SdgenError(f"{where}: {problem}")
+        return out
+
+    def problem(self) -> str | None:
+        """What makes these sizes unbuildable or absurd (a lying file or config), or None."""
+        widths = [self.ch * m for m in self.ch_mult]
+        bounds = [("in_channels", self.in_channels, _MAX_CHANNELS), ("out_channels", self.out_channels, _MAX_CHANNELS),
+                  ("latent_channels", self.latent_channels, _MAX_CHANNELS), ("ch", self.ch, _MAX_CHANNELS),
+                  ("levels", len(widths), _MAX_LEVELS), ("num_res_blocks", self.num_res_blocks, _MAX_BLOCKS),
+                  ("norm_groups", self.norm_groups, _MAX_CHANNELS),
+                  *((f"channels of level {i}", c, _MAX_CHANNELS) for i, c in enumerate(widths))]
+        for name, value, hi in bounds:
+            if not 1 <= value <= hi:
+                return f"{name}={value}, out of range (1 to {hi})"
+        bad = next((c for c in widths if c % self.norm_groups), None)
+        if bad is not None:
+            return f"{bad} channels, not a multiple of {self.norm_groups} norm groups"
+        if not (math.isfinite(self.scaling_factor) and 0 < self.scaling_factor <= 100):
+            return f"scaling_factor={self.scaling_factor}, not a positive finite number"
+        return None
+
+
+_MAX_CHANNELS = 2**14  # real VAEs: 512 channels at most
+_MAX_LEVELS = 8        # real: 4
+_MAX_BLOCKS = 64       # real: 2
 
 
 def diffusers_renames(config: VAEConfig) -> dict[str, str]:

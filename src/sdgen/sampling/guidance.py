@@ -10,39 +10,49 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import SdgenError
 from .schedule import SchedulerConfig, sigma_to_t, train_sigmas
 
 
 class ModelDenoiser:
     """denoiser(x, sigma) over an eps_model trained on a discrete schedule.
 
-    The model sees x_in = x / sqrt(sigma^2 + 1) (diffusers' latent) and the timestep of sigma by log-sigma
-    interpolation; a Plan pins the exact timesteps its diffusers scheduler would pass (at_timesteps).
+    The model sees x_in = x / sqrt(sigma^2 + 1) (diffusers' latent) and the timestep of sigma. Plan.run binds it to
+    the plan (for_plan): the config becomes the plan's, resolved for its sampler (prediction type, training
+    sigmas), and the model is told exactly the timesteps that sampler's diffusers scheduler would pass; a level the
+    plan does not list gets its timestep by log-sigma interpolation.
     """
 
-    def __init__(self, eps_model: Callable, config: SchedulerConfig, pinned: dict | None = None):
+    def __init__(self, eps_model: Callable, config: SchedulerConfig | None = None, pinned: dict | None = None):
         self.eps_model = eps_model
         self.config = config
-        self.log_sigmas = train_sigmas(config).log().double()
         self.pinned = pinned or {}
+        self._log_sigmas = None
+
+    def for_plan(self, plan) -> "ModelDenoiser":
+        """This model under `plan` (a schedule.Plan): its resolved config and its timesteps."""
+        return ModelDenoiser(self.eps_model, plan.config, dict(zip(plan.sigmas[:-1].tolist(), plan.timesteps.tolist())))
+
+    def _resolved(self) -> SchedulerConfig:
+        if self.config is None or self.config.prediction_type is None:
+            raise SdgenError("the model denoiser has no scheduler config resolved for a sampler: run it through "
+                             "Plan.run, or give it config.for_sampler(name)")
+        return self.config
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """The (fractional) training timestep of sigma, as a 0-d float32 tensor."""
         t = self.pinned.get(float(sigma))
         if t is None:
-            t = float(sigma_to_t(sigma, self.log_sigmas))
+            if self._log_sigmas is None:  # float64 logs of the float32 sigmas: a training sigma maps to its exact t
+                self._log_sigmas = train_sigmas(self._resolved()).double().log()
+            t = float(sigma_to_t(sigma, self._log_sigmas))
         return torch.tensor(t, dtype=torch.float32)
-
-    def at_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> "ModelDenoiser":
-        """A copy that tells the model timesteps[i] when called at sigmas[i] (e.g. DPM-Solver's rounded ones)."""
-        pinned = dict(zip(sigmas.tolist(), timesteps.tolist()))
-        return ModelDenoiser(self.eps_model, self.config, {**self.pinned, **pinned})
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:  # (B, C, h, w), 0-d -> (B, C, h, w)
         s = float(sigma)
         c_in = 1 / math.sqrt(s * s + 1)
         out = self.eps_model(x * c_in, self.sigma_to_t(sigma)).to(x.dtype)
-        kind = self.config.prediction_type
+        kind = self._resolved().prediction_type
         if kind == "epsilon":
             return x - sigma.to(x.dtype) * out
         if kind == "v_prediction":  # v = alpha * eps - sigma_vp * x0, with alpha = c_in, sigma_vp = s * c_in
@@ -50,8 +60,9 @@ class ModelDenoiser:
         return out  # "sample": the model predicts x0
 
 
-def model_denoiser(eps_model: Callable, config: SchedulerConfig) -> ModelDenoiser:
-    """denoiser(x, sigma) -> x0 over eps_model(x_in, t); handles epsilon, v_prediction and sample models."""
+def model_denoiser(eps_model: Callable, config: SchedulerConfig | None = None) -> ModelDenoiser:
+    """denoiser(x, sigma) -> x0 over eps_model(x_in, t); handles epsilon, v_prediction and sample models.
+    Plan.run gives it the plan's resolved config; `config` only serves a denoiser used without a plan."""
     return ModelDenoiser(eps_model, config)
 
 

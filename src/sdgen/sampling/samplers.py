@@ -14,9 +14,13 @@ from the textbook method, the docstring says how, and we follow diffusers.
 """
 
 import math
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Iterator, Mapping
 
 from torch import Tensor
+
+from .. import SdgenError
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[Tensor], Tensor]
@@ -145,28 +149,46 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: Noise, tar
         yield x
 
 
-def sample_pndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: Noise, targets: list | None = None
-                ) -> Iterator[Tensor]:
-    """Pseudo linear multistep (PNDMScheduler with skip_prk_steps): Adams-Bashforth on eps, each step a DDIM step.
+def sample_pndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: Noise, targets: list | None = None,
+                rk: list | None = None) -> Iterator[Tensor]:
+    """Pseudo linear multistep (PNDMScheduler): Adams-Bashforth on eps, each step a DDIM step.
 
-    Warm-up as diffusers: step 0 evaluates eps at sigmas[0], takes a DDIM step, evaluates again at sigmas[1] and
-    redoes step 0 with the average (n + 1 model calls in all); the history then holds the first eps, not the
-    average, and the order grows 2, 3, 4. `targets` as for sample_ddim.
+    skip_prk_steps (rk None, PLMS): step 0 evaluates eps at sigmas[0], takes a DDIM step, evaluates again at
+    sigmas[1] and redoes step 0 with the average (n + 1 model calls in all); the history then holds the first eps,
+    not the average, and the order grows 2, 3, 4. `targets` as for sample_ddim.
+
+    Without skip_prk_steps (F-PNDM, rk given): the first three steps are classical Runge-Kutta steps on eps
+    (eps1 + 2 eps2 + 2 eps3 + eps4) / 6 with four model calls each, every stage a DDIM step from x; the history
+    keeps each step's first eps, so the first multistep step is already 4th order. rk[i] = (land, told): stage 1
+    lands at `land` (diffusers' t - N//steps//2) and the model is told `told` (t_next + N//steps//2); stage 2
+    lands at `told`, stage 3 at sigmas[i+1], and the step itself lands at sigmas[i+1] (not at targets[i]).
 
     Matches diffusers for "leading" spacing (SD's). Where diffusers contradicts itself we stay consistent:
-    in img2img its slice drops the repeated timestep, so every later call is told the next step's timestep;
-    with other spacings its warm-up redo uses t + N // steps, not the previous timestep.
+    in img2img its slice drops the repeated timestep (or cuts into the Runge-Kutta stages), so every later call
+    is told another step's timestep; with other spacings its warm-up redo uses t + N // steps, not the previous
+    timestep. With v_prediction diffusers converts the combined model outputs to eps with the current step's alpha
+    and sample, not each output at its own step; we convert each (the results differ by several percent).
     """
     sig = sigmas.double().tolist()
     targets = sig[1:] if targets is None else targets
     eps = lambda x, s: (x - denoiser(x, s)) / s
+    level = lambda s: sigmas.new_tensor(s)
+    n_rk = 0 if rk is None else min(3, len(rk))
     ets = []
     for i in range(len(sigmas) - 1):
         s, to = sigmas[i], targets[i]
         e = eps(x, s)
-        if i == 0:
+        if i < n_rk:
+            land, told = rk[i]
             ets.append(e)
-            e = (e + eps(_rescale(x + (to - sig[0]) * e, to, sig[1]), sigmas[1])) / 2
+            e2 = eps(_rescale(x + (land - sig[i]) * e, land, told), level(told))
+            e3 = eps(x + (told - sig[i]) * e2, level(told))
+            e4 = eps(x + (sig[i + 1] - sig[i]) * e3, sigmas[i + 1])
+            e, to = (e + 2 * e2 + 2 * e3 + e4) / 6, sig[i + 1]
+        elif i == 0:
+            ets.append(e)
+            if len(sigmas) > 2:  # (a one-step schedule has nothing to evaluate at: a plain DDIM step, as diffusers)
+                e = (e + eps(_rescale(x + (to - sig[0]) * e, to, sig[1]), sigmas[1])) / 2
         else:
             ets = (ets + [e])[-4:]
             if len(ets) == 2:
@@ -274,15 +296,66 @@ def sample_lcm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: Noise, c_sk
         yield x
 
 
-SAMPLERS: dict[str, Callable] = {
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "pndm": sample_pndm,
-    "lms": sample_lms,
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "unipc": sample_unipc,
-    "lcm": sample_lcm,
-}
+@dataclass(frozen=True)
+class Sampler:
+    """Everything sdgen knows about one sampler; SAMPLERS below is the only table of them."""
+
+    name: str            # what `sampler=` takes: "euler_a"
+    fn: Callable[..., Iterator[Tensor]]   # the sampler itself: sample_euler_ancestral
+    label: str           # AUTOMATIC1111's name, written to and read from PNG metadata: "Euler a"
+    scheduler: str       # the diffusers class it reproduces number for number: "EulerAncestralDiscreteScheduler"
+    timesteps: str       # how that class picks its timesteps (schedule.plan): "discrete" (integer, DDIM/DDPM/PNDM),
+                         # "euler" (fractional, interpolated sigmas), "multistep" (DPM-Solver/UniPC), "lcm"
+    vp_native: bool      # it works on the variance-preserving latent (init_noise_sigma = 1)
+    karras: bool         # the karras schedule is allowed: the class takes use_karras_sigmas (Euler a lacks it
+                         # in diffusers; it runs on the karras sigmas EulerDiscreteScheduler would use)
+    defaults: Mapping[str, object]   # the class's __init__ default of every scheduler_config.json key it honours;
+                                     # a key it lacks is not here and cannot change its result
+
+    def __post_init__(self):
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))   # read-only, like the rest
+
+
+# diffusers' __init__ defaults (0.42.1), shared by most classes; tests/test_scheduler_configs.py checks each table
+# against inspect.signature of the class.
+_BASE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+         "trained_betas": None, "prediction_type": "epsilon", "timestep_spacing": "linspace", "steps_offset": 0}
+_CLIP = {"clip_sample": False, "clip_sample_range": 1.0}
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("ddim", sample_ddim, "DDIM", "DDIMScheduler", "discrete", vp_native=True, karras=False, defaults={
+        **_BASE, "timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0,
+        "set_alpha_to_one": True, "rescale_betas_zero_snr": False}),
+    Sampler("ddpm", sample_ddpm, "DDPM", "DDPMScheduler", "discrete", vp_native=True, karras=False, defaults={
+        **_BASE, "timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0,
+        "rescale_betas_zero_snr": False}),
+    Sampler("pndm", sample_pndm, "PLMS", "PNDMScheduler", "discrete", vp_native=True, karras=False, defaults={
+        **_BASE, "timestep_spacing": "leading", "skip_prk_steps": False, "set_alpha_to_one": False}),
+    Sampler("lms", sample_lms, "LMS", "LMSDiscreteScheduler", "euler", vp_native=False, karras=True,
+            defaults=_BASE),
+    Sampler("euler", sample_euler, "Euler", "EulerDiscreteScheduler", "euler", vp_native=False, karras=True,
+            defaults={**_BASE, "rescale_betas_zero_snr": False}),
+    Sampler("euler_a", sample_euler_ancestral, "Euler a", "EulerAncestralDiscreteScheduler", "euler",
+            vp_native=False, karras=True, defaults={**_BASE, "rescale_betas_zero_snr": False}),
+    Sampler("heun", sample_heun, "Heun", "HeunDiscreteScheduler", "euler", vp_native=False, karras=True, defaults={
+        **_BASE, "beta_start": 0.00085, "beta_end": 0.012, **_CLIP}),
+    Sampler("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", "DPMSolverMultistepScheduler", "multistep", vp_native=True,
+            karras=True, defaults={**_BASE, "rescale_betas_zero_snr": False}),
+    Sampler("unipc", sample_unipc, "UniPC", "UniPCMultistepScheduler", "multistep", vp_native=True, karras=True,
+            defaults={**_BASE, "rescale_betas_zero_snr": False}),
+    # LCMScheduler also takes timestep_spacing, steps_offset and set_alpha_to_one but never reads them
+    Sampler("lcm", sample_lcm, "LCM", "LCMScheduler", "lcm", vp_native=True, karras=False, defaults={
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "trained_betas": None, "prediction_type": "epsilon", "original_inference_steps": 50, "timestep_scaling": 10.0,
+        **_CLIP, "rescale_betas_zero_snr": False}),
+)}
+
+
+def by_label(text: str) -> Sampler:
+    """The sampler named `text`: our name or A1111's label, any case ("euler_a", "Euler a", "DPM++ 2M")."""
+    key = str(text).strip().lower()
+    for s in SAMPLERS.values():
+        if key in (s.name, s.label.lower()):
+            return s
+    choices = ", ".join(f"{s.name} ({s.label})" for s in SAMPLERS.values())
+    raise SdgenError(f"unknown sampler {text!r}: choose one of {choices}")

@@ -7,60 +7,121 @@ which sigmas, where it ends, how it scales the starting noise), so results match
 """
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import SdgenError
+from .. import SdgenError
+from .samplers import SAMPLERS
 
-# Samplers whose diffusers scheduler works on the variance-preserving latent (init_noise_sigma = 1, identity
-# scale_model_input); the others (Euler family) work on x = x0 + sigma * eps directly.
-VP_NATIVE = {"ddim", "ddpm", "pndm", "dpmpp_2m", "unipc", "lcm"}
-# Default `timestep_spacing` of each diffusers scheduler when the config does not name one (SD1.5's doesn't).
-DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "pndm": "leading", "lcm": "leading"}
-KARRAS = {"euler", "euler_a", "heun", "lms", "dpmpp_2m", "unipc"}
+# runwayml/stable-diffusion-v1-5's scheduler/scheduler_config.json (diffusers 0.6.0): what a single file implies.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+SCHEDULES = ("normal", "karras")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The fields of a diffusers scheduler_config.json that we honour. Defaults: SD1.5's scheduler."""
+    """The keys of a diffusers scheduler_config.json that we honour, as the file gave them; None: left out.
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
+    diffusers fills a key the file leaves out with the __init__ default of the scheduler class it loads the file
+    into, so one file means different things to DDIMScheduler (clip_sample=True, linear betas, ...) and to
+    EulerDiscreteScheduler. for_sampler(name) does the same with SAMPLERS[name].defaults.
+    """
+
+    num_train_timesteps: int | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta_schedule: str | None = None
     trained_betas: tuple | None = None
-    prediction_type: str = "epsilon"
-    timestep_spacing: str | None = None  # None: each sampler's diffusers default (see DEFAULT_SPACING)
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False
-    clip_sample: bool = False
-    clip_sample_range: float = 1.0
-    skip_prk_steps: bool = True
-    rescale_betas_zero_snr: bool = False
-    original_inference_steps: int = 50  # LCM: the distillation schedule it picks its timesteps from
-    timestep_scaling: float = 10.0  # LCM: boundary-condition scaling of the timestep
+    prediction_type: str | None = None
+    timestep_spacing: str | None = None
+    steps_offset: int | None = None
+    set_alpha_to_one: bool | None = None
+    clip_sample: bool | None = None
+    clip_sample_range: float | None = None
+    skip_prk_steps: bool | None = None
+    rescale_betas_zero_snr: bool | None = None
+    original_inference_steps: int | None = None  # LCM: the distillation schedule it picks its timesteps from
+    timestep_scaling: float | None = None  # LCM: boundary-condition scaling of the timestep
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not (f.name == "beta_schedule" and self.trained_betas is not None):
+                object.__setattr__(self, f.name, _checked(f.name, value))
 
     @classmethod
-    def from_diffusers(cls, config: dict | None) -> "SchedulerConfig":
-        """A diffusers scheduler config dict (unknown keys ignored); None gives SD1.5's."""
+    def from_diffusers(cls, config: Mapping | None) -> "SchedulerConfig":
+        """The keys we honour of a scheduler_config.json dict; other keys are ignored, null counts as left out, and
+        so do the keys an in-memory diffusers config lists in `_use_default_values`. None: SD1.5's file."""
         if config is None:
-            return cls()
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in config.items() if k in known and v is not None}
-        if "trained_betas" in kw:
-            kw["trained_betas"] = tuple(float(b) for b in kw["trained_betas"])
-        out = cls(**kw)
-        if out.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2") and out.trained_betas is None:
-            raise SdgenError(f"unsupported beta_schedule {out.beta_schedule!r}")
-        if out.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise SdgenError(f"unsupported prediction_type {out.prediction_type!r}")
-        if out.timestep_spacing not in (None, "leading", "linspace", "trailing"):
-            raise SdgenError(f"unsupported timestep_spacing {out.timestep_spacing!r}")
+            config = SD15_SCHEDULER
+        if not isinstance(config, Mapping):
+            raise SdgenError(f"scheduler config: expected a JSON object, not {type(config).__name__}")
+        left_out = set(config.get("_use_default_values") or ())
+        return cls(**{f.name: config[f.name] for f in fields(cls)
+                      if config.get(f.name) is not None and f.name not in left_out})
+
+    def for_sampler(self, sampler: str) -> "SchedulerConfig":
+        """The config SAMPLERS[sampler]'s diffusers class would run with: every key it honours from the file, else
+        its own default; keys it does not have stay None (so they cannot change its result)."""
+        out = SchedulerConfig(**{k: default if getattr(self, k) is None else getattr(self, k)
+                                 for k, default in SAMPLERS[sampler].defaults.items()})
+        if out.trained_betas is not None and len(out.trained_betas) != out.num_train_timesteps:
+            raise SdgenError(f"scheduler config: trained_betas has {len(out.trained_betas)} values but "
+                             f"num_train_timesteps is {out.num_train_timesteps}")
         return out
+
+
+_CHOICES = {"beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+            "prediction_type": ("epsilon", "v_prediction", "sample"),
+            "timestep_spacing": ("leading", "linspace", "trailing")}
+_WHOLE = {"num_train_timesteps": 1, "steps_offset": 0, "original_inference_steps": 1}   # the smallest allowed
+_FLAGS = ("set_alpha_to_one", "clip_sample", "skip_prk_steps", "rescale_betas_zero_snr")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _checked(name: str, v):
+    """A scheduler config value, normalized (JSON 1000.0 -> 1000, a list of betas -> a tuple), or one SdgenError
+    line naming the field."""
+    def bad(what):
+        raise SdgenError(f"scheduler config: {name} must be {what}, not {v!r}")
+
+    if name in _CHOICES:
+        if v not in _CHOICES[name]:
+            raise SdgenError(f"scheduler config: unsupported {name} {v!r}: sdgen supports {', '.join(_CHOICES[name])}")
+        return v
+    if name in _FLAGS:
+        return v if isinstance(v, bool) else bad("true or false")
+    if name in _WHOLE:
+        if not _real(v) or v != int(v) or v < _WHOLE[name]:
+            bad(f"a whole number from {_WHOLE[name]}")
+        return int(v)
+    if name == "trained_betas":
+        if isinstance(v, (str, bytes, Mapping)) or not hasattr(v, "__iter__"):
+            bad("a list of numbers")
+        betas = tuple(v)
+        if not betas or not all(_real(b) and 0 < b < 1 for b in betas):
+            bad("a list of numbers between 0 and 1 (exclusive)")
+        return tuple(float(b) for b in betas)
+    if name in ("beta_start", "beta_end"):
+        return float(v) if _real(v) and 0 < v < 1 else bad("a number between 0 and 1 (exclusive)")
+    return float(v) if _real(v) and v > 0 else bad("a positive number")   # clip_sample_range, timestep_scaling
 
 
 def betas(config: SchedulerConfig) -> Tensor:
@@ -157,6 +218,7 @@ class Plan:
     sigmas:    (n+1,) float32, the noise level of x before each step, then the level of the result (0 = clean)
     timesteps: (n,) float32, the training timestep the model is told at sigmas[i] (the scheduler's own choice)
     init_scale: txt2img start = unit noise * init_scale (diffusers' init_noise_sigma, in sigma space)
+    config:    the scheduler config resolved for this sampler (SchedulerConfig.for_sampler): every key its class reads
     extra:     keyword arguments the sampler function needs besides (denoiser, x, sigmas, noise)
     """
 
@@ -164,6 +226,7 @@ class Plan:
     sigmas: Tensor
     timesteps: Tensor
     init_scale: float
+    config: SchedulerConfig
     extra: dict = field(default_factory=dict)
 
     @property
@@ -183,92 +246,110 @@ class Plan:
         return init_latents + self.sigmas[i + 1].to(init_latents.dtype) * noise
 
     def run(self, denoiser: Callable, x: Tensor, noise: Callable[[Tensor], Tensor]) -> Iterator[Tensor]:
-        """Run the sampler; yields x after every step (see samplers.py)."""
-        from .samplers import SAMPLERS
+        """Run the sampler; yields x after every step (see samplers.py).
 
-        pin = getattr(denoiser, "at_timesteps", None)
-        if pin is not None:  # tell the model exactly the timesteps the diffusers scheduler would
-            denoiser = pin(self.sigmas[:-1], self.timesteps)
-        return SAMPLERS[self.sampler](denoiser, x, self.sigmas, noise, **self.extra)
+        A model denoiser (guidance.ModelDenoiser) is first bound to this plan: the model is told exactly the
+        timesteps the diffusers scheduler would pass, and reads its prediction type from this plan's config."""
+        bind = getattr(denoiser, "for_plan", None)
+        if bind is not None:
+            denoiser = bind(self)
+        return SAMPLERS[self.sampler].fn(denoiser, x, self.sigmas, noise, **self.extra)
 
 
 def plan(sampler: str, steps: int, config: SchedulerConfig, schedule: str = "normal", strength: float = 1.0) -> Plan:
-    """The schedule diffusers' scheduler `sampler` would use for `steps` steps.
+    """The schedule diffusers' scheduler `sampler` would use for `steps` steps, with the scheduler config `config`
+    loaded into that scheduler's class (missing keys take the class's defaults).
 
     schedule: "normal" or "karras" (diffusers' use_karras_sigmas=True).
     strength < 1: img2img's shortened schedule, exactly as diffusers' img2img pipeline's get_timesteps.
+    Refuses, with one SdgenError line, every request that cannot run; cheap enough to check requests before a load.
     """
-    from .samplers import SAMPLERS
+    s = SAMPLERS.get(sampler) if isinstance(sampler, str) else None
+    if s is None:
+        raise SdgenError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if schedule not in SCHEDULES:
+        raise SdgenError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if schedule == "karras" and not s.karras:
+        raise SdgenError(f"the karras schedule is not available for {sampler}: use the normal schedule or one of "
+                         f"{', '.join(k.name for k in SAMPLERS.values() if k.karras)}")
+    c = config.for_sampler(sampler)
+    N = c.num_train_timesteps
+    if not _whole(steps) or not 1 <= steps <= N:
+        raise SdgenError(f"steps must be a whole number from 1 to {N}, not {steps!r}")
+    if not _real(strength) or not 0 <= strength <= 1:
+        raise SdgenError(f"strength must be a number from 0 to 1, not {strength!r}")
+    init = min(int(steps * strength), steps)  # diffusers' img2img get_timesteps
+    if strength == 0:
+        raise SdgenError("strength 0 leaves the init image unchanged: raise --strength above 0")
+    if init < 1:
+        least = next(k / 1000 for k in range(math.ceil(1000 / steps), 1001) if int(steps * k / 1000) >= 1)
+        need = math.floor(1 / strength)
+        need += int(need * strength) < 1
+        more = f", or {need} steps at strength {strength:g}" if need <= N else ""
+        raise SdgenError(f"strength {strength:g} with {steps} steps runs no denoising step: raise --strength or "
+                         f"--steps (at least {least:g} for {steps} steps{more})")
+    if s.timesteps == "lcm":
+        if c.original_inference_steps > N:
+            raise SdgenError(f"scheduler config: original_inference_steps {c.original_inference_steps} is more than "
+                             f"num_train_timesteps {N}")
+        if steps > c.original_inference_steps:
+            raise SdgenError(f"lcm runs at most {c.original_inference_steps} steps (the scheduler's "
+                             f"original_inference_steps), not {steps}: lower --steps")
 
-    if sampler not in SAMPLERS:
-        raise SdgenError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    if schedule not in ("normal", "karras"):
-        raise SdgenError(f"unknown schedule {schedule!r}; choose 'normal' or 'karras'")
-    if schedule == "karras" and sampler not in KARRAS:
-        raise SdgenError(f"the karras schedule is not available for {sampler}")
-    N = config.num_train_timesteps
-    if not 1 <= steps <= N:
-        raise SdgenError(f"steps must be between 1 and {N}")
-    if not 0.0 < strength <= 1.0:
-        raise SdgenError("strength must be in (0, 1]")
-    spacing = config.timestep_spacing or DEFAULT_SPACING.get(sampler, "linspace")
-    train = train_sigmas(config)
+    train = train_sigmas(c)
     tr = train.numpy()  # float32, as diffusers' numpy copies
     log_sigmas = torch.from_numpy(np.log(tr))
     to_sigma = lambda t: tr[np.asarray(t, dtype=np.int64)].astype(np.float64)
+    spacing = c.timestep_spacing
     extra = {}
 
-    if sampler in ("ddim", "ddpm", "pndm"):
-        ts = _spaced(spacing, steps, N, config.steps_offset, integer=True)
+    if s.timesteps == "discrete":  # DDIM, DDPM, PNDM: integer timesteps
+        ts = _spaced(spacing, steps, N, c.steps_offset, integer=True)
         sig = to_sigma(ts)
-        final = 0.0 if config.set_alpha_to_one else float(tr[0])
-        if sampler == "ddpm":
-            end = 0.0  # DDPM's last step goes to alpha_prod = 1
-        else:
-            # DDIM/PNDM step from t to t - N // steps whatever the spacing, then past 0 to the "final alpha".
-            prev = ts - N // steps
-            extra["targets"] = [float(tr[p]) if p >= 0 else final for p in prev]
-            end = 0.0  # after the last step diffusers hands back the variance-preserving latent: rescale to 0
-    elif sampler == "lcm":
-        ts = _lcm_timesteps(steps, N, config.original_inference_steps)
-        sig, end = to_sigma(ts), 0.0
-    elif sampler in ("dpmpp_2m", "unipc"):
-        ts = _spaced_multistep(spacing, steps, N, config.steps_offset)
+        if c.set_alpha_to_one is not None:
+            # DDIM/PNDM step from t to t - N // steps whatever the spacing, then past 0 to the "final alpha"; after the
+            # last step diffusers hands back the variance-preserving latent, which the sampler rescales to sigma 0.
+            # (DDPM steps to the next timestep and from the last one to alpha_prod = 1.)
+            final = 0.0 if c.set_alpha_to_one else float(tr[0])
+            extra["targets"] = [float(tr[p]) if p >= 0 else final for p in ts - N // steps]
+        if c.skip_prk_steps is False:
+            # F-PNDM's Runge-Kutta stages: from t, the model is told t_next + h after landing at t - h (h = N//steps//2)
+            h = N // steps // 2
+            extra["rk"] = [(float(tr[t - h]), float(tr[t_next + h])) for t, t_next in zip(ts[:-1], ts[1:])]
+    elif s.timesteps == "lcm":
+        ts = _lcm_timesteps(steps, N, c.original_inference_steps)
+        sig = to_sigma(ts)
+    elif s.timesteps == "multistep":  # DPM-Solver, UniPC
+        ts = _spaced_multistep(spacing, steps, N, c.steps_offset)
         if schedule == "karras":
             sig = karras_sigmas(float(tr[0]), float(tr[-1]), steps)
             ts = sigma_to_t(torch.from_numpy(sig), log_sigmas).numpy().round()
         else:
             sig = to_sigma(ts)
-        end = 0.0
-    else:  # euler, euler_a, heun, lms
-        ts = _spaced(spacing, steps, N, config.steps_offset, integer=False)
+    else:  # "euler": Euler, Euler a, Heun, LMS; fractional timesteps, interpolated sigmas
+        ts = _spaced(spacing, steps, N, c.steps_offset, integer=False)
         sig = np.interp(ts, np.arange(N), tr)
         if schedule == "karras":
             sig = karras_sigmas(float(sig[-1]), float(sig[0]), steps)
             ts = sigma_to_t(torch.from_numpy(sig), log_sigmas).numpy()
-        end = 0.0
 
-    sigmas = torch.from_numpy(np.concatenate([sig, [end]]).astype(np.float32))
+    sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
     timesteps = torch.from_numpy(np.asarray(ts).astype(np.float32))
     s0 = float(sigmas.max())
     # diffusers' init_noise_sigma: 1 on the variance-preserving latent (= sqrt(s0^2+1) here); the Euler family
     # uses sqrt(s0^2+1) for "leading" spacing but s0 itself for "linspace"/"trailing".
-    vp_like = sampler in VP_NATIVE or spacing == "leading"
+    vp_like = s.vp_native or spacing == "leading"
     init_scale = math.sqrt(s0**2 + 1) if vp_like else s0
-    if sampler == "lcm":
+    if s.timesteps == "lcm":
         # LCM's consistency boundary condition: denoised = c_skip(t) * x_vp + c_out(t) * x0
-        st = timesteps.double() * config.timestep_scaling
+        st = timesteps.double() * c.timestep_scaling
         extra["c_skip"] = (0.25 / (st**2 + 0.25)).tolist()
         extra["c_out"] = (st / (st**2 + 0.25) ** 0.5).tolist()
+    if c.clip_sample:  # None for the classes that do not have it
+        extra["clip"] = c.clip_sample_range
 
-    if config.clip_sample and sampler in ("ddim", "ddpm", "heun", "lcm"):  # the schedulers that honour it
-        extra["clip"] = config.clip_sample_range
-
-    init = min(int(steps * strength), steps)
-    t_start = max(steps - init, 0)
-    if t_start >= steps:
-        raise SdgenError("strength is too low: no denoising step would run")
+    t_start = steps - init
     if t_start:
         sigmas, timesteps = sigmas[t_start:], timesteps[t_start:]
         extra = {k: v[t_start:] if isinstance(v, list) else v for k, v in extra.items()}
-    return Plan(sampler, sigmas, timesteps, init_scale, extra)
+    return Plan(sampler, sigmas, timesteps, init_scale, c, extra)
