@@ -436,7 +436,7 @@ def test_repo_id_offline_not_cached(tmp_path):
     r = _run_offline(tmp_path, "import sdgen.families as w\n"
                                "try:\n    w.open_checkpoint('someone/some-model')\n"
                                "except Exception as e:\n    print(type(e).__name__, '|', e)")
-    assert "SdgenError | model 'someone/some-model' is not in the local Hugging Face cache and we are offline" in r.stdout, r
+    assert "| model 'someone/some-model' is not in the local Hugging Face cache and we are offline" in r.stdout, r
     assert "--model path/to/model.safetensors" in r.stdout
 
 
