@@ -128,7 +128,8 @@ def test_bad_arguments(ours, kwargs, message):
         ours.generate(PROMPT, **{"steps": 2, **kwargs})
 
 
-def test_long_prompt_warns_and_truncates(ours):
-    with pytest.warns(UserWarning, match="tokens"):
-        x = ours.generate("a cat " * 100, steps=1, seed=1, width=64, height=64, output_type="latent")
+def test_long_prompt_is_chunked_not_truncated(ours):
+    """A1111: 200 tokens are 3 chunks of 75, each encoded on its own (tests/test_prompts.py has the details)."""
+    assert ours.encode_prompt(["a cat " * 100]).shape == (1, 3 * 77, 48)
+    x = ours.generate("a cat " * 100, steps=1, seed=1, width=64, height=64, output_type="latent")
     assert torch.isfinite(x).all()

@@ -268,8 +268,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
 
 def test_family_messages(tmp_path):
     cases = _bad_inputs(tmp_path)
-    for name, want in [("sdxl.safetensors", "this is an SDXL checkpoint; sdgen supports Stable Diffusion 1.x"),
-                       ("sd2.safetensors", "SD2.x"), ("vae.safetensors", "standalone VAE"),
+    for name, want in [("sdxl.safetensors", "incomplete Stable Diffusion XL checkpoint: no vae or text_encoder_2"),
+                       ("sd2.safetensors", "incomplete Stable Diffusion 2.x checkpoint: no vae"), ("vae.safetensors", "standalone VAE"),
                        ("random_dict.ckpt", "not a Stable Diffusion checkpoint"),
                        ("unet_only.safetensors", "no vae or text_encoder"),
                        ("huge_len.safetensors", "header claims"), ("text.ckpt", "not a PyTorch checkpoint")]:
@@ -419,7 +419,7 @@ def test_variant_missing_and_sdxl_folder(tmp_path):
         open_checkpoint(folder, variant="fp16")
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(SdgenError, match="m: this is an SDXL model"):
+    with pytest.raises(SdgenError, match="m: not a complete diffusers folder: text_encoder_2/config.json is missing"):
         open_checkpoint(folder)
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from . import SdgenError
 from .images import check_image
+from .prompts import NetworkTag, extract_networks
 from .sampling.samplers import SAMPLERS, by_label
 from .sampling.schedule import SchedulerConfig, plan
 
@@ -58,6 +59,13 @@ class GenerationRequest:
     strength: float = 0.8               # img2img/inpainting: how far to move from the init image
     mask_image: Image.Image | None = None    # white = repaint
     clip_skip: int = 1                  # 1 = the last CLIP layer, 2 = the penultimate (A1111's convention)
+    # LoRAs besides the prompts' <lora:NAME:WEIGHT> tags: ((path or name, weight or (te, unet)), ...)
+    loras: tuple = ()
+    # SDXL refiner hand-off (a pipeline loaded with a refiner): the base denoises while the training timestep is at
+    # least (1 - refiner_start) * 1000, the refiner the rest (diffusers' denoising_end / denoising_start)
+    refiner_start: float | None = None
+    # A1111 fields the pipeline adds as it runs (("Lora hashes", "name: 0123456789ab"), ("TI hashes", ...))
+    extra_params: tuple = ()
 
     # ---- derived ---------------------------------------------------------------------------------------
     @property
@@ -136,6 +144,13 @@ class GenerationRequest:
             bad(f"{len(prompts)} prompts x batch size {self.batch_size} is more than {MAX_IMAGES} images")
         if not _number(self.strength) or not 0 <= self.strength <= 1:
             bad(f"strength must be a number from 0 to 1, not {self.strength!r}")
+        if self.refiner_start is not None:
+            if not _number(self.refiner_start) or not 0 < self.refiner_start < 1:
+                bad(f"refiner start must be a number between 0 and 1 (exclusive), not {self.refiner_start!r}")
+            if self.sampler == "heun":   # diffusers counts its doubled timesteps: a hand-off we do not reproduce
+                bad("the refiner hand-off does not work with heun: choose another sampler")
+            if self.mask_image is not None:
+                bad("the refiner continues txt2img and img2img, not inpainting")
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (not _whole(v) or not 8 <= v <= MAX_SIDE or v % 8):
@@ -144,6 +159,9 @@ class GenerationRequest:
             if getattr(self, name) is not None:
                 check_image(getattr(self, name), name.replace("_", " "))
         layers = model.text_layers if model is not None else 12
+        lora_weights(self.loras)
+        for text in {*prompts, *negatives}:
+            extract_networks(text)  # tag syntax (weights are numbers); the names are looked up when the model loads
         if not _whole(self.clip_skip) or not 1 <= self.clip_skip <= layers:
             bad(f"clip skip must be a whole number from 1 to {layers} (the text encoder's layers), "
                 f"not {self.clip_skip!r}")
@@ -170,10 +188,13 @@ class GenerationRequest:
                    "Size": f"{self.width}x{self.height}", "Model": model_name,
                    "Schedule type": SCHEDULES[self.schedule] if self.schedule != "normal" else None,
                    "Denoising strength": _num(self.strength) if self.init_image is not None else None,
-                   "Clip skip": self.clip_skip if self.clip_skip != 1 else None}
-        lines = [self.prompts[index]]
+                   "Clip skip": self.clip_skip if self.clip_skip != 1 else None,
+                   "Refiner switch at": _num(self.refiner_start) if self.refiner_start is not None else None}
+        # explicit LoRAs are written as the tags A1111 would read (as A1111 itself does for its sd_lora setting)
+        lines = [self.prompts[index] + "".join(tag.text for tag in lora_tags(self.loras))]
         if self.negative_prompts[index]:
             lines.append(f"Negative prompt: {self.negative_prompts[index]}")
+        fields_.update(dict(self.extra_params))
         lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields_.items() if v is not None))
         return "\n".join(lines)
 
@@ -213,11 +234,43 @@ class GenerationRequest:
                     kw["width"], kw["height"] = (int(v) for v in value.lower().split("x"))
                 elif key == "Clip skip":
                     kw["clip_skip"] = int(value)
+                elif key == "Refiner switch at":
+                    kw["refiner_start"] = float(value)
                 else:
                     rest[key] = value
             except ValueError:
                 raise SdgenError(f"generation parameters: {key}: {value!r} is not valid") from None
         return cls(**kw), rest
+
+
+def lora_weights(loras) -> list[tuple[str, float, float]]:
+    """[(path or name, text-encoder weight, UNet weight)] from a request's `loras`; a malformed entry is one line."""
+    if isinstance(loras, (str, os.PathLike)) or not isinstance(loras, (list, tuple)):
+        raise SdgenError("loras must be a list of (path or name, weight) pairs")
+    out = []
+    for item in loras:
+        if isinstance(item, (str, os.PathLike)):
+            item = (item, 1.0)
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], (str, os.PathLike)):
+            raise SdgenError(f"each LoRA is (path or name, weight), not {item!r:.80}")
+        source, w = item
+        if isinstance(w, (list, tuple)):
+            te, unet = w if len(w) == 2 else (None, None)
+        else:
+            te = unet = w
+        if not (_number(te) and _number(unet)):
+            raise SdgenError(f"LoRA {str(source)[:80]!r}: the weight must be a finite number or a pair (text encoder, "
+                             f"UNet), not {w!r:.40}")
+        out.append((os.fspath(source), float(te), float(unet)))
+    return out
+
+
+def lora_tags(loras) -> list:
+    """The `<lora:NAME:WEIGHT>` tags that stand for a request's explicit LoRAs (NAME: the file name's stem)."""
+    from pathlib import Path
+
+    name = lambda s: Path(s).stem if Path(s).suffix.lower() in (".safetensors", ".pt", ".ckpt", ".bin") else Path(s).name
+    return [NetworkTag("lora", name(source), te, unet) for source, te, unet in lora_weights(loras)]
 
 
 _PARAM = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')

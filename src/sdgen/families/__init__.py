@@ -12,7 +12,7 @@ is read (or downloaded).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -37,6 +37,8 @@ class Component:
     renames: Callable          # config -> {diffusers key: our key}
     keys: Callable | None = None    # [our keys] -> {key: our key, or None to ignore} (old layouts, buffers)
     shapes: Callable | None = None  # {key: meta tensor} -> {key: meta tensor as the network stores it}
+    fixed: Mapping | None = None    # config fields a single file cannot tell, the family's constants ({"head_channels": 64})
+    single_keys: Callable | None = None   # as `keys`, for original single files only (SD2's unused last text block)
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,21 @@ class Family:
     check: Callable[[str, Mapping], None]         # (name, {component: config}) -> refuses what it cannot run
     pipeline: str              # the diffusers pipeline class name of this family
     folder_size: Callable[[Mapping, Mapping], tuple[int, int]]   # (raw config.json, configs) -> native size
+    # the text side: encode_chunk(nets, ids (B, 77), clip_skip, extras) -> (context (B, 77, D), pooled (B, P) or None)
+    encode_chunk: Callable | None = None
+    pad_token: str = "<|endoftext|>"   # what the tokenizer pads with when the model brings no tokenizer files
+    # SDXL's added conditioning: added(pooled (B, P), width, height, negative, unet config) -> y (B, adm) or None
+    added: Callable | None = None
+    claims: Callable[[Mapping[str, tuple]], bool] | None = None   # its text encoder's keys are there (complete or not)
+    single_file: Callable | None = None   # (metadata, {key: TensorRef}, path) -> (scheduler dict, native size)
+    zero_negative: bool = False        # an empty negative prompt is zeros, not encoded (SDXL base in diffusers)
 
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
+
+    @property
+    def text_components(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components if c.name.startswith("text_encoder"))
 
 
 @dataclass
@@ -70,6 +84,7 @@ class Checkpoint:
     tokenizer_dir: Path | None = None
     ignored: list[str] = field(default_factory=list)   # keys present but not used
     metadata: dict = field(default_factory=dict)       # safetensors __metadata__
+    zero_negative: bool = False   # diffusers' force_zeros_for_empty_prompt: "" as a negative prompt is zeros
 
     @property
     def name(self) -> str:
@@ -82,7 +97,7 @@ class Checkpoint:
 
     @property
     def text_layers(self) -> int:
-        return self.configs["text_encoder"].num_layers
+        return min(self.configs[name].num_layers for name in self.family.text_components)
 
     @property
     def dtype_on_disk(self) -> str:
@@ -165,9 +180,14 @@ def open_checkpoint(source=None, *, variant: str | None = None, log=None) -> Che
     return _open(source, variant)
 
 
-def _open(source, variant: str | None) -> Checkpoint:
-    from . import sd1
+def families() -> tuple[Family, ...]:
+    """Every family sdgen runs, in the order single files are tried."""
+    from . import sd1, sd2, sdxl
 
+    return sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, sdxl.REFINER
+
+
+def _open(source, variant: str | None) -> Checkpoint:
     if not isinstance(source, (str, Path)):
         raise SdgenError(f"a model is a file, a folder or a repo id, not {type(source).__name__}")
     path = Path(source).expanduser()
@@ -178,29 +198,38 @@ def _open(source, variant: str | None) -> Checkpoint:
     if path.is_file():
         return _from_single_file(str(source), path)
     if is_repo_id(str(source)):
-        components = [c.name for c in sd1.FAMILY.components]
+        components = sorted({c.name for f in families() for c in f.components})  # a repo lacking one is fine
         return snapshot(str(source), lambda names: component_patterns(components, variant, names),
                         lambda folder: _from_diffusers(str(source), folder, variant))
     raise SdgenError(f"{source}: no such file or folder")
 
 
 def _family_of_file(name: str, shapes: Mapping[str, tuple]) -> Family:
+    """The family from the key names (and, within a family, shapes): each family claims a file by its text
+    encoder's prefix and owns it when every component is there."""
     from . import sd1
 
-    for family in (sd1.FAMILY,):
+    found = families()
+    for family in found:
         if family.owns(shapes):
             return family
+    claimed = next((f for f in found[1:] if f.claims(shapes)), None)
     other = sd1.other_family(shapes)
-    if other:
-        raise SdgenError(f"{name}: this is {other}; {sd1.SUPPORTED}")
-    prefixes = [c.prefix for c in sd1.FAMILY.components]
-    present = [c for c in sd1.FAMILY.components if any(k.startswith(c.prefix) for k in shapes)]
+    if other and claimed is None:
+        raise SdgenError(f"{name}: this is {other}; {SUPPORTED}")
+    family = claimed or found[0]
+    prefixes = [c.prefix for c in family.components]
+    present = [c for c in family.components if any(k.startswith(c.prefix) for k in shapes)]
     if not present:
         first = f" (first key: {next(iter(shapes))!r})" if shapes else " (it holds no tensors)"
         raise SdgenError(f"{name}: not a Stable Diffusion checkpoint: no key starts with {', '.join(prefixes)}{first}")
-    missing = [c for c in sd1.FAMILY.components if c not in present]
-    raise SdgenError(f"{name}: incomplete Stable Diffusion checkpoint: no {' or '.join(c.name for c in missing)} "
+    missing = [c for c in family.components if c not in present]
+    what = "Stable Diffusion" if claimed is None else family.label
+    raise SdgenError(f"{name}: incomplete {what} checkpoint: no {' or '.join(c.name for c in missing)} "
                      f"weights ({', '.join(c.prefix + '*' for c in missing)})")
+
+
+SUPPORTED = "sdgen supports Stable Diffusion 1.x, 2.x and XL (base and refiner)"
 
 
 def _native_size(metadata: Mapping, family: Family) -> tuple[int, int]:
@@ -255,17 +284,84 @@ def _from_single_file(source: str, path: Path) -> Checkpoint:
         else:
             ignored.append(key)
     for c in family.components:
+        if c.single_keys is not None:
+            names = c.single_keys(list(tensors[c.name]))
+            ignored += [c.prefix + k for k, ours in names.items() if ours is None]
+            tensors[c.name] = {names[k]: r for k, r in tensors[c.name].items() if names[k] is not None}
         tensors[c.name] = _adapt(c, tensors[c.name], ignored, c.prefix)
         _check_floats(path.name, c, tensors[c.name])
     try:
-        configs = {c.name: c.config.from_shapes({k: r.shape for k, r in tensors[c.name].items()})
+        configs = {c.name: _sized(c, c.config.from_shapes({k: r.shape for k, r in tensors[c.name].items()}))
                    for c in family.components}
     except SdgenError as e:
         raise SdgenError(f"{path.name}: {e}") from None
     family.check(path.name, configs)
+    scheduler, size = dict(family.scheduler), family.native_size
+    if family.single_file is not None:
+        scheduler, size = family.single_file(metadata, refs, path)
+    native = _native_size(metadata, family)
     return Checkpoint(source=source, path=path, format=fmt, family=family, tensors=tensors, configs=configs,
-                      scheduler=SchedulerConfig.from_diffusers(dict(family.scheduler)),
-                      native_size=_native_size(metadata, family), ignored=sorted(ignored), metadata=metadata)
+                      scheduler=SchedulerConfig.from_diffusers(scheduler),
+                      native_size=native if "modelspec.resolution" in metadata else (size, size),
+                      ignored=sorted(ignored), metadata=metadata, zero_negative=family.zero_negative)
+
+
+def _sized(component: Component, config):
+    """A config read off shapes, with the family's constants for what shapes cannot tell."""
+    if not component.fixed:
+        return config
+    config = replace(config, **component.fixed)
+    problem = config.problem()
+    if problem:
+        raise SdgenError(f"the {component.name} weights describe {problem}")
+    return config
+
+
+class _Joined:
+    """A tensor a diffusers folder stores in parts (OpenCLIP's fused q/k/v) or transposed (its text projection),
+    read lazily like a TensorRef: `load` reads the parts and joins them."""
+
+    def __init__(self, parts: list, transpose: bool = False):
+        self.parts, self.transpose = parts, transpose
+        self.dtype = parts[0].dtype
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        self.shape = tuple(reversed(shape)) if transpose else shape
+        self.reshape = None
+
+    @property
+    def is_float(self) -> bool:
+        return all(p.is_float for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def load(self, dtype=None, device="cpu") -> torch.Tensor:
+        if len(self.parts) == 1:
+            x = self.parts[0].load(dtype, device)
+        else:
+            x = torch.cat([p.load(dtype, device) for p in self.parts])
+        return x.t().contiguous() if self.transpose else x
+
+
+def _join_parts(refs: dict) -> dict:
+    """Keys a rename table marked `key#0`, `key#1`, ... (parts along dim 0) or `key#T` (transposed) -> `key`."""
+    out, parts = {}, {}
+    for k, r in refs.items():
+        if "#" not in k:
+            out[k] = r
+        else:
+            base, tag = k.rsplit("#", 1)
+            parts.setdefault(base, {})[tag] = r
+    for base, tags in parts.items():
+        if tags.keys() == {"T"}:
+            out[base] = _Joined([tags["T"]], transpose=True)
+        elif sorted(tags) == [str(i) for i in range(len(tags))] and \
+                len({tuple(r.shape[1:]) for r in tags.values()}) == 1:
+            out[base] = _Joined([tags[str(i)] for i in range(len(tags))])
+        else:
+            raise SdgenError(f"weights for {base!r} come in parts {sorted(tags)} that do not fit together")
+    return out
 
 
 def _from_diffusers(source: str, folder: Path, variant: str | None) -> Checkpoint:
@@ -273,7 +369,7 @@ def _from_diffusers(source: str, folder: Path, variant: str | None) -> Checkpoin
 
     index = read_json(folder / "model_index.json")
     sd1.check_diffusers_family(folder.name, index)
-    family = sd1.FAMILY
+    family = _family_of_folder(folder, index)
     names = {p.relative_to(folder).as_posix() for c in family.components if (folder / c.name).is_dir()
              for p in (folder / c.name).iterdir()}
     tensors, configs, ignored = {}, {}, []
@@ -287,13 +383,32 @@ def _from_diffusers(source: str, folder: Path, variant: str | None) -> Checkpoin
     for c in family.components:
         renames = c.renames(configs[c.name])
         raw = read_component(folder, c.name, variant, names)
-        tensors[c.name] = _adapt(c, {renames.get(k, k): r for k, r in raw.items()}, ignored, c.name + "/")
+        renamed = _join_parts({renames.get(k, k): r for k, r in raw.items()})
+        tensors[c.name] = _adapt(c, renamed, ignored, c.name + "/")
         _check_floats(folder.name, c, tensors[c.name])
     sched = folder / "scheduler" / "scheduler_config.json"
-    tok = folder / "tokenizer"
+    # the first encoder's tokenizer (the SDXL refiner has only the second's)
+    tok = next((folder / t for t in ("tokenizer", "tokenizer_2")
+                if any((folder / t / f).is_file() for f in ("vocab.json", "tokenizer.json"))), None)
+    zero = index.get("force_zeros_for_empty_prompt", family.zero_negative)
     return Checkpoint(source=source, path=folder, format="diffusers", family=family, tensors=tensors, configs=configs,
                       scheduler=SchedulerConfig.from_diffusers(read_json(sched) if sched.is_file()
                                                                else dict(family.scheduler)),
-                      native_size=family.folder_size(raw_configs, configs),
-                      tokenizer_dir=tok if any((tok / f).is_file() for f in ("vocab.json", "tokenizer.json")) else None,
-                      ignored=sorted(ignored))
+                      native_size=family.folder_size(raw_configs, configs), tokenizer_dir=tok,
+                      ignored=sorted(ignored), zero_negative=zero is True)
+
+
+def _family_of_folder(folder: Path, index: Mapping) -> Family:
+    """SDXL folders list a second text encoder (the refiner no first one); SD1 and SD2 share a pipeline class and
+    differ in the text encoder: OpenAI CLIP (quick GELU) or OpenCLIP (exact GELU)."""
+    from . import sd1, sd2, sdxl
+
+    def listed(name):
+        entry = index.get(name)
+        return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+    if listed("text_encoder_2") or "XL" in str(index.get("_class_name", "")):
+        return sdxl.FAMILY if listed("text_encoder") else sdxl.REFINER
+    config = folder / "text_encoder" / "config.json"
+    act = read_json(config).get("hidden_act") if config.is_file() else None
+    return sd2.FAMILY if act == "gelu" else sd1.FAMILY

@@ -1,8 +1,7 @@
 """Stable Diffusion 1.x: CLIP ViT-L text encoder, the SD1 UNet (4 or 9 input channels), the SD1 VAE.
 
-Other families' files are recognised here only to refuse them with a line that says what the file is, instead of
-failing later on a missing or misshapen key. (The UNet and text encoder already take SD2's linear projections,
-per-head widths and GELU: they are kept for the SD2 family to come.)
+Files of families sdgen does not run are recognised here only to refuse them with a line that says what the
+file is, instead of failing later on a missing or misshapen key (SD2 and SDXL have their own modules).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from ..nets import clip, unet, vae
 from ..sampling.schedule import SD15_SCHEDULER  # what a single file implies
 from . import Component, Family
 
-SUPPORTED = "sdgen supports Stable Diffusion 1.x"
+SUPPORTED = "sdgen supports Stable Diffusion 1.x, 2.x and XL (base and refiner)"
 
 COMPONENTS = (
     Component("unet", "model.diffusion_model.", unet.UNet, unet.UNetConfig, unet.diffusers_renames),
@@ -43,6 +42,12 @@ def check(name: str, configs: Mapping) -> None:
                          f"inpainting (9); {SUPPORTED}")
 
 
+def encode_chunk(nets: Mapping, ids, clip_skip: int = 1, extras: Mapping = {}):
+    """(B, 77) ids -> ((B, 77, 768) CLIP ViT-L hidden states after the final LayerNorm, no pooled output).
+    extras: {component: (N, D) textual-inversion vectors for ids vocab_size + i}."""
+    return nets["text_encoder"](ids, clip_skip=clip_skip, extra=extras.get("text_encoder")), None
+
+
 def folder_size(raw: Mapping, configs: Mapping) -> tuple[int, int]:
     """diffusers' default: unet sample_size (latent pixels) times the VAE's downscaling."""
     scale = 2 ** (len(configs["vae"].ch_mult) - 1)
@@ -53,7 +58,8 @@ def folder_size(raw: Mapping, configs: Mapping) -> tuple[int, int]:
 
 FAMILY = Family(name="sd1", label="Stable Diffusion 1.x", components=COMPONENTS, native_size=512,
                 scheduler=SD15_SCHEDULER, owns=owns, check=check, pipeline="StableDiffusionPipeline",
-                folder_size=folder_size)
+                folder_size=folder_size, encode_chunk=encode_chunk,
+                claims=lambda shapes: any(k.startswith(COMPONENTS[2].prefix) for k in shapes))
 
 
 def other_family(shapes: Mapping[str, tuple]) -> str | None:
@@ -81,7 +87,5 @@ def other_family(shapes: Mapping[str, tuple]) -> str | None:
 
 def check_diffusers_family(name: str, model_index: dict) -> None:
     cls = str(model_index.get("_class_name", ""))
-    if "XL" in cls or "text_encoder_2" in model_index:
-        raise SdgenError(f"{name}: this is an SDXL model ({cls or 'two text encoders'}); {SUPPORTED}")
     if "unet" not in model_index and "transformer" in model_index:
         raise SdgenError(f"{name}: this is a transformer-based model ({cls}), not Stable Diffusion 1.x; {SUPPORTED}")

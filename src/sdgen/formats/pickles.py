@@ -611,6 +611,28 @@ def read_torch_file(path: Path) -> dict[str, TensorRef]:
     return refs
 
 
+def read_torch_object(path: Path):
+    """What a torch.save file holds (dicts, lists, numbers, strings; tensors as TensorRefs), every tensor checked as
+    read_torch_file checks them: for files whose tensors are not a flat state dict (textual-inversion embeddings)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise _bad(path, "the file is empty")
+    obj = _read_zip(path) if _is_zip(path) else _read_legacy(path, size)
+    refs, stack = {}, [("", obj)]
+    while stack:  # the unpickler bounds the nesting depth and the object count
+        key, value = stack.pop()
+        if isinstance(value, TensorRef):
+            refs[key or "tensor"] = value
+        elif isinstance(value, dict):
+            stack += [(f"{key}.{k}" if key else str(k), v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [(f"{key}.{i}", v) for i, v in enumerate(value)]
+    for k, ref in refs.items():
+        _check_view(path, k, ref)
+    _check_claims(path, refs, size)
+    return obj
+
+
 def _is_zip(path) -> bool:
     try:
         return zipfile.is_zipfile(path)

@@ -176,9 +176,16 @@ class Embeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_positions, config.hidden_size)
 
-    def forward(self, ids):  # (B, T) -> (B, T, D)
+    def forward(self, ids, extra=None):  # (B, T) -> (B, T, D)
         positions = torch.arange(ids.shape[1], device=ids.device)  # computed here: no buffer in the checkpoint
-        return self.token_embedding(ids) + self.position_embedding(positions)
+        if extra is None:
+            return self.token_embedding(ids) + self.position_embedding(positions)
+        # textual inversion: ids >= vocab_size are rows of `extra` (N, D), as if appended to the table
+        vocab = self.token_embedding.num_embeddings
+        tokens = self.token_embedding(ids.clamp(max=vocab - 1))
+        added = ids >= vocab
+        tokens[added] = extra.to(tokens)[ids[added] - vocab]
+        return tokens + self.position_embedding(positions)
 
 
 class Encoder(nn.Module):
@@ -202,16 +209,19 @@ class CLIPTextModel(nn.Module):
         self.compute_dtype = compute_dtype  # None: the parameters' dtype (see layers.py)
         self.text_model = TextTransformer(config)
 
-    def forward(self, ids: torch.LongTensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, ids: torch.LongTensor, clip_skip: int = 1, final_norm: bool = True,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, hidden). clip_skip=1: the last layer's output; clip_skip=2 (A1111's
-        convention): the penultimate layer's, and so on; the final LayerNorm is applied in every case."""
+        convention): the penultimate layer's, and so on; the final LayerNorm is applied unless final_norm=False
+        (SDXL reads the penultimate hidden state as it is). extra: (N, D) token embeddings that ids vocab_size + i
+        stand for (textual-inversion vectors)."""
         tm = self.text_model
         n = len(tm.encoder.layers)
         if not 1 <= clip_skip <= n:
             raise SdgenError(f"clip_skip must be between 1 and {n}, got {clip_skip}")
         if ids.shape[1] > self.config.max_positions:
             raise SdgenError(f"prompt has {ids.shape[1]} tokens, the text encoder takes at most {self.config.max_positions}")
-        x = tm.embeddings(ids).to(self.compute_dtype or tm.final_layer_norm.weight.dtype)
+        x = tm.embeddings(ids, extra).to(self.compute_dtype or tm.final_layer_norm.weight.dtype)
         for layer in tm.encoder.layers[: n - (clip_skip - 1)]:
             x = layer(x)
-        return tm.final_layer_norm(x)
+        return tm.final_layer_norm(x) if final_norm else x

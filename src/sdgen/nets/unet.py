@@ -1,4 +1,4 @@
-"""The SD1/SD2 denoising UNet, laid out as CompVis `openaimodel.py`.
+"""The SD1/SD2/SDXL denoising UNet, laid out as CompVis `openaimodel.py` (SDXL: sgm's copy of it).
 
 Every module path is the original checkpoint key after `model.diffusion_model.`, so an original checkpoint
 loads with `load_state_dict(assign=True, strict=True)` and no converter. Diffusers folders are renamed once
@@ -11,6 +11,7 @@ Block layout (L = len(channel_mult), n = num_res_blocks):
   middle_block              ResBlock, SpatialTransformer, ResBlock
   output_blocks.{u*(n+1)+r} [ResBlock, SpatialTransformer?, Upsample if r == n and not last]  u = L-1-l
   out                       GroupNorm, SiLU, conv
+  label_emb.0               Linear, SiLU, Linear: SDXL's added conditioning vector y (B, adm_in_channels) -> emb
 """
 
 import math
@@ -37,12 +38,20 @@ class UNetConfig:
     context_dim: int = 768
     num_heads: int = 8
     norm_groups: int = 32
-    transformer_depth: int = 1
+    transformer_depth: int | tuple = 1  # blocks per SpatialTransformer; a tuple: per level (SDXL), middle = last
     linear_proj: bool = False
     head_channels: int = 0  # > 0: heads = channels // head_channels (SD2 uses 64); 0: num_heads everywhere (SD1)
+    adm_in_channels: int = 0  # > 0: label_emb takes a (B, adm_in_channels) vector y (SDXL: pooled text + time ids)
 
     def heads(self, channels):
         return channels // self.head_channels if self.head_channels > 0 else self.num_heads
+
+    def depth(self, level: int | None) -> int:
+        """Transformer blocks at `level` (None: the middle block)."""
+        d = self.transformer_depth
+        if isinstance(d, int):
+            return d
+        return d[-1] if level is None else d[level]
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, tuple]) -> "UNetConfig":
@@ -67,10 +76,16 @@ class UNetConfig:
                 attn.append(level)
         proj = shape_of(shapes, "middle_block.1.proj_in.weight", (2, 4), "UNet")
         to_k = shape_of(shapes, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", (2,), "UNet")
-        depth = len({k.split(".")[3] for k in shapes if k.startswith("middle_block.1.transformer_blocks.")})
+
+        def blocks_in(prefix):
+            return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+        depths = [blocks_in(f"input_blocks.{1 + level * (n + 1)}.1.transformer_blocks.") for level in range(len(mult))]
+        adm = shape_of(shapes, "label_emb.0.0.weight", (2,), "UNet")[1] if "label_emb.0.0.weight" in shapes else 0
         config = cls(in_channels=conv_in[1], out_channels=out_channels, model_channels=mc, channel_mult=tuple(mult),
-                     num_res_blocks=n, attention_levels=tuple(attn), context_dim=to_k[1], transformer_depth=depth,
-                     linear_proj=len(proj) == 2)
+                     num_res_blocks=n, attention_levels=tuple(attn), context_dim=to_k[1],
+                     transformer_depth=_depths(depths, attn, blocks_in("middle_block.1.transformer_blocks.")),
+                     linear_proj=len(proj) == 2, adm_in_channels=adm)
         problem = config.problem()
         if problem:
             raise SdgenError(f"the UNet weights describe {problem}")
@@ -81,9 +96,17 @@ class UNetConfig:
         """From a diffusers UNet2DConditionModel config.json; a value of the wrong type or range, or one this UNet
         cannot build, is one line naming `where` and the field."""
         f = Fields(config, where)
-        for key in ("class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
+        for key in ("class_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
             if config.get(key) is not None:
-                raise f.error(key, "is set: not an SD1/SD2 UNet (unsupported)")
+                raise f.error(key, "is set: not an SD1/SD2/SDXL UNet (unsupported)")
+        adm = 0
+        if config.get("addition_embed_type") is not None:
+            f.str("addition_embed_type", None, choices=("text_time",))  # SDXL's pooled text + time ids
+            if f.int("addition_time_embed_dim", 256, 1, _MAX_CHANNELS) != TIME_ID_DIM:
+                raise f.error("addition_time_embed_dim", f"must be {TIME_ID_DIM} (SDXL's; unsupported otherwise)")
+            adm = f.int("projection_class_embeddings_input_dim", None, 1, _MAX_CHANNELS)
+            if adm is None:
+                raise f.error("projection_class_embeddings_input_dim", "is missing (needed with text_time)")
         boc = f.ints("block_out_channels", (320, 640, 1280, 1280), 1, _MAX_CHANNELS, max_len=_MAX_LEVELS)
         mc = boc[0]
         if any(c % mc for c in boc):
@@ -93,8 +116,13 @@ class UNetConfig:
             raise f.error("down_block_types", f"has {len(down)} entries, block_out_channels {len(boc)}")
         attention_levels = tuple(i for i, t in enumerate(down) if "CrossAttn" in t)
         uniform = {}
-        for key, default, hi in (("layers_per_block", 2, _MAX_BLOCKS), ("transformer_layers_per_block", 1, _MAX_BLOCKS),
-                                 ("cross_attention_dim", 768, _MAX_CHANNELS)):
+        depths = f.ints("transformer_layers_per_block", 1, 1, _MAX_BLOCKS, max_len=_MAX_LEVELS, scalar=True)
+        if len(depths) not in (1, len(boc)):
+            raise f.error("transformer_layers_per_block", f"has {len(depths)} entries, block_out_channels {len(boc)}")
+        if config.get("reverse_transformer_layers_per_block") is not None:
+            raise f.error("reverse_transformer_layers_per_block", "is set (unsupported)")
+        depths = depths * len(boc) if len(depths) == 1 else depths
+        for key, default, hi in (("layers_per_block", 2, _MAX_BLOCKS), ("cross_attention_dim", 768, _MAX_CHANNELS)):
             values = f.ints(key, default, 1, hi, max_len=_MAX_LEVELS, scalar=True)
             if len(set(values)) != 1:
                 raise f.error(key, f"{list(values)} differs between levels (unsupported)")
@@ -127,8 +155,9 @@ class UNetConfig:
                   model_channels=mc, channel_mult=tuple(c // mc for c in boc),
                   num_res_blocks=uniform["layers_per_block"], attention_levels=attention_levels,
                   context_dim=uniform["cross_attention_dim"], num_heads=num_heads, norm_groups=groups,
-                  transformer_depth=uniform["transformer_layers_per_block"],
-                  linear_proj=f.bool("use_linear_projection", False), head_channels=head_channels)
+                  transformer_depth=_depths(depths, attention_levels, depths[-1]),
+                  linear_proj=f.bool("use_linear_projection", False), head_channels=head_channels,
+                  adm_in_channels=adm)
         problem = out.problem()
         if problem:
             raise SdgenError(f"{where}: {problem}")
@@ -141,7 +170,9 @@ class UNetConfig:
         bounds = [("in_channels", self.in_channels, _MAX_CHANNELS), ("out_channels", self.out_channels, _MAX_CHANNELS),
                   ("model_channels", self.model_channels, _MAX_CHANNELS), ("levels", len(widths), _MAX_LEVELS),
                   ("num_res_blocks", self.num_res_blocks, _MAX_BLOCKS),
-                  ("transformer_depth", self.transformer_depth, _MAX_BLOCKS),
+                  *((f"transformer depth at level {i}", self.depth(i), _MAX_BLOCKS) for i in self.attention_levels),
+                  ("transformer depth in the middle", self.depth(None), _MAX_BLOCKS),
+                  ("adm_in_channels", self.adm_in_channels or 1, _MAX_CHANNELS),
                   ("context_dim", self.context_dim, _MAX_CHANNELS), ("num_heads", self.num_heads, _MAX_CHANNELS),
                   ("norm_groups", self.norm_groups, _MAX_CHANNELS),
                   *((f"channels of level {i}", c, _MAX_CHANNELS) for i, c in enumerate(widths))]
@@ -150,6 +181,8 @@ class UNetConfig:
                 return f"{name}={value}, out of range (1 to {hi})"
         if any(not 0 <= level < len(widths) for level in self.attention_levels):
             return f"attention at levels {self.attention_levels} of {len(widths)}"
+        if not isinstance(self.transformer_depth, int) and len(self.transformer_depth) != len(widths):
+            return f"transformer depths {self.transformer_depth} for {len(widths)} levels"
         for i, c in enumerate(widths):
             if c % self.norm_groups:
                 return f"{c} channels at level {i}, not a multiple of {self.norm_groups} norm groups"
@@ -164,6 +197,19 @@ _MAX_CHANNELS = 2**14  # the widest real UNet: 1280 channels (SD1/SD2/SDXL), 204
 _MAX_LEVELS = 8        # real: 3 or 4
 _MAX_BLOCKS = 64       # res blocks per level (real: 2) and transformer depth (SDXL: 10)
 _DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # diffusers' default
+TIME_ID_DIM = 256      # SDXL embeds each time id (sizes, crop, aesthetic score) in 256 Fourier features
+
+
+def _depths(depths, attention_levels, middle) -> int | tuple:
+    """One int when every transformer (each attention level and the middle) has the same depth, as in SD1/SD2 and
+    the SDXL refiner; else a tuple per level, 0 where a level has no attention (SDXL base: (0, 2, 10))."""
+    used = {depths[i] for i in attention_levels} | {middle}
+    if len(used) == 1:
+        return middle
+    out = tuple(depths[i] if i in attention_levels else 0 for i in range(len(depths)))
+    if out[-1] != middle:
+        raise SdgenError(f"a middle transformer depth {middle} other than the last level's {out[-1]} is unsupported")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -248,14 +294,14 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, ch, config: UNetConfig):
+    def __init__(self, ch, config: UNetConfig, depth: int):
         super().__init__()
         self.linear = config.linear_proj  # SD2 projects with Linear, SD1 with 1x1 convs: same maths
         proj = (lambda: Linear(ch, ch)) if self.linear else (lambda: Conv2d(ch, ch, 1))
         self.norm = GroupNorm(config.norm_groups, ch, eps=1e-6)
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(ch, config.context_dim, config.heads(ch)) for _ in range(config.transformer_depth))
+            BasicTransformerBlock(ch, config.context_dim, config.heads(ch)) for _ in range(depth))
         self.proj_out = proj()
 
     def forward(self, x, context):  # (B, C, h, w), (B, M, ctx) -> (B, C, h, w)
@@ -321,6 +367,9 @@ class UNet(nn.Module):
         mc, g, emb_dim = c.model_channels, c.norm_groups, 4 * c.model_channels
         self.compute_dtype = compute_dtype  # None: the parameters' dtype (see layers.py)
         self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
+        if c.adm_in_channels:
+            self.label_emb = nn.Sequential(nn.Sequential(Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         Linear(emb_dim, emb_dim)))
 
         self.input_blocks = nn.ModuleList([TimestepBlock(Conv2d(c.in_channels, mc, 3, padding=1))])
         skips, ch = [mc], mc  # channels of every skip, in the order the input blocks produce them
@@ -329,14 +378,14 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, mult * mc, emb_dim, g)]
                 ch = mult * mc
                 if level in c.attention_levels:
-                    layers.append(SpatialTransformer(ch, c))
+                    layers.append(SpatialTransformer(ch, c, c.depth(level)))
                 self.input_blocks.append(TimestepBlock(*layers))
                 skips.append(ch)
             if level != len(c.channel_mult) - 1:
                 self.input_blocks.append(TimestepBlock(Downsample(ch)))
                 skips.append(ch)
 
-        self.middle_block = TimestepBlock(ResBlock(ch, ch, emb_dim, g), SpatialTransformer(ch, c),
+        self.middle_block = TimestepBlock(ResBlock(ch, ch, emb_dim, g), SpatialTransformer(ch, c, c.depth(None)),
                                           ResBlock(ch, ch, emb_dim, g))
 
         self.output_blocks = nn.ModuleList()
@@ -345,7 +394,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skips.pop(), mult * mc, emb_dim, g)]
                 ch = mult * mc
                 if level in c.attention_levels:
-                    layers.append(SpatialTransformer(ch, c))
+                    layers.append(SpatialTransformer(ch, c, c.depth(level)))
                 if level and r == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
@@ -353,11 +402,17 @@ class UNet(nn.Module):
         self.out = nn.Sequential(GroupNorm(g, ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
         channels_last_(self)  # it runs on channels_last activations (see forward)
 
-    def forward(self, x, timesteps, context):
-        """(B, in, h, w), scalar or (B,) timesteps, (B, M, context_dim) -> (B, out, h, w) in x's dtype."""
+    def forward(self, x, timesteps, context, y=None):
+        """(B, in, h, w), scalar or (B,) timesteps, (B, M, context_dim), SDXL's (B, adm_in_channels) added
+        conditioning -> (B, out, h, w) in x's dtype."""
         dtype = self.compute_dtype or self.out[2].weight.dtype
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        if (y is None) != (not self.config.adm_in_channels):
+            raise SdgenError("this UNet takes an added conditioning vector y" if y is None else
+                             "this UNet takes no added conditioning vector y")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
         # channels_last: oneDNN convolutions run without reordering activations, and the transformers'
         # (B, C, h, w) <-> (B, h*w, C) transposes become free views
         h = x.to(dtype).contiguous(memory_format=torch.channels_last)
@@ -386,6 +441,7 @@ def diffusers_renames(config: UNetConfig) -> dict[str, str]:
     on the meta device, so the table is exact (transformer internals share their names in both layouts)."""
     n, levels = config.num_res_blocks + 1, len(config.channel_mult)
     prefixes = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+                "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
                 "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
                 "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
                 "middle_block.2": "mid_block.resnets.1"}

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import SdgenError
 from ..formats import Fields, shape_of
-from .layers import Conv2d, GroupNorm, norm_silu_conv, upsample_conv
+from .layers import Conv2d, GroupNorm, add_conv1x1_, norm_silu_conv, tiled, upsample_conv
 
 SD1_NORM_GROUPS = 32
 SD1_SCALING_FACTOR = 0.18215
@@ -111,6 +111,15 @@ _MAX_CHANNELS = 2**14  # real VAEs: 512 channels at most
 _MAX_LEVELS = 8        # real: 4
 _MAX_BLOCKS = 64       # real: 2
 
+# Tiled decode/encode (layers.tiled): context around each tile, in latent pixels (decoder) and image pixels (encoder),
+# and the band over which neighbouring tiles are cross-faded. Measured on the SD1.5-size VAE (tests/test_tiling.py,
+# README): larger halos shrink the difference to the untiled result, at (1 + 2*halo/tile)^2 times the arithmetic.
+DECODE_HALO = 8
+ENCODE_HALO = 64
+SHARED_NORMS = True   # tiles share the whole image's group-norm statistics (layers.NormStats): 2x the work, no shifts
+DECODE_PEAK = 4.0   # peak activation bytes / (full-resolution pixels x widest top-level channels x itemsize)
+ENCODE_PEAK = 4.0
+
 
 def diffusers_renames(config: VAEConfig) -> dict[str, str]:
     """Every diffusers AutoencoderKL key -> our key."""
@@ -182,7 +191,7 @@ class ResnetBlock(nn.Module):
         h = norm_silu_conv(x, self.norm1, self.conv1)
         h = norm_silu_conv(h, self.norm2, self.conv2)
         # in place into the fresh conv output (conv backward does not need it): saves a full-size buffer
-        return h.add_(self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x)
+        return add_conv1x1_(h, self.nin_shortcut, x) if hasattr(self, "nin_shortcut") else h.add_(x)
 
 
 class AttnBlock(nn.Module):
@@ -252,15 +261,24 @@ class Encoder(nn.Module):
         self.norm_out = _norm(cin, g)
         self.conv_out = Conv2d(cin, 2 * config.latent_channels, 3, padding=1)
 
-    def forward(self, x):  # (B, in, H, W) -> (B, 2*latent, H/2^(L-1), W/2^(L-1))
+    def forward(self, x, tile: int | None = None):  # (B, in, H, W) -> (B, 2*latent, H/2^(L-1), W/2^(L-1))
+        """tile: run the full-resolution levels in overlapping tiles of about `tile` pixels (layers.tiled); the
+        mid block (attention over all positions) always sees the whole image."""
+        if tile is None:
+            h = self._down(x)
+        else:
+            h = tiled(self._down, x, tile, ENCODE_HALO, down=2 ** (len(self.down) - 1), shared_norms=SHARED_NORMS).to(x.dtype)
+        h = _run_mid(self.mid, h)
+        return norm_silu_conv(h, self.norm_out, self.conv_out)
+
+    def _down(self, x):  # (B, in, H, W) -> (B, C, H/2^(L-1), W/2^(L-1)): everything before the mid block
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
                 h = block(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = _run_mid(self.mid, h)
-        return norm_silu_conv(h, self.norm_out, self.conv_out)
+        return h
 
 
 class Decoder(nn.Module):
@@ -284,8 +302,15 @@ class Decoder(nn.Module):
         self.norm_out = _norm(cin, g)
         self.conv_out = Conv2d(cin, config.out_channels, 3, padding=1)
 
-    def forward(self, z):  # (B, latent, h, w) -> (B, out, h*2^(L-1), w*2^(L-1))
+    def forward(self, z, tile: int | None = None):  # (B, latent, h, w) -> (B, out, h*2^(L-1), w*2^(L-1))
+        """tile: run the levels above the mid block in overlapping tiles of about `tile` latent pixels (layers.tiled,
+        output in fp32); the mid block's attention always sees the whole latent, which is small."""
         h = _run_mid(self.mid, self.conv_in(z))
+        if tile is None:
+            return self._up(h)
+        return tiled(self._up, h, tile, DECODE_HALO, up=2 ** (len(self.up) - 1), shared_norms=SHARED_NORMS)
+
+    def _up(self, h):  # (B, C, h, w) after the mid block -> (B, out, h*2^(L-1), w*2^(L-1))
         for level in reversed(self.up):
             for block in level.block:
                 h = block(h)
@@ -317,17 +342,59 @@ class VAE(nn.Module):
             x = x.to(p.device, wide) / scale
         return x.to(p.device, dtype)
 
-    def encode_moments(self, images) -> tuple[Tensor, Tensor]:
-        """(B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, 4, H/8, W/8), unscaled."""
-        moments = self.quant_conv(self.encoder(self._place(images)))
+    def encode_moments(self, images, tile: int | None = None) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, 4, H/8, W/8), unscaled. tile: pixels, see
+        Encoder.forward."""
+        moments = self.quant_conv(self.encoder(self._place(images), tile))
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, images) -> Tensor:
+    def encode(self, images, tile: int | None = None) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> posterior mean * scaling_factor, (B, 4, H/8, W/8), as samplers expect."""
-        return self.encode_moments(images)[0] * self.config.scaling_factor
+        return self.encode_moments(images, tile)[0] * self.config.scaling_factor
 
-    def decode(self, latents) -> Tensor:
-        """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in the compute dtype, roughly in [-1, 1], not clamped."""
+    def decode(self, latents, tile: int | None = None) -> Tensor:
+        """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1], not clamped; in the compute dtype
+        (fp32 when tiled). tile: latent pixels, see Decoder.forward."""
         z = self._place(latents, self.config.scaling_factor)
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z), tile)
+
+    # ---- memory: what a decode/encode of one image needs, and the tile that keeps it under a budget ----------
+    def decode_bytes(self, h: int, w: int, tile: int | None = None) -> int:
+        """Peak bytes of activations decoding one (1, 4, h, w) latent (tile: one tile's, halo included). The top
+        levels dominate: the upsampled second level and the first level's blocks at full resolution, about
+        DECODE_PEAK of the wider one's size (measured: tests/test_memory.py)."""
+        if tile is not None:
+            h, w = min(h, tile + 2 * DECODE_HALO), min(w, tile + 2 * DECODE_HALO)
+        f = 2 ** (len(self.config.ch_mult) - 1)
+        widest = self.config.ch * max(self.config.ch_mult[:2])
+        return int(DECODE_PEAK * (h * f) * (w * f) * widest * self._act_bytes())
+
+    def encode_bytes(self, height: int, width: int, tile: int | None = None) -> int:
+        """Peak bytes of activations encoding one (1, 3, height, width) image (tile: one tile's, halo included)."""
+        if tile is not None:
+            height, width = min(height, tile + 2 * ENCODE_HALO), min(width, tile + 2 * ENCODE_HALO)
+        widest = self.config.ch * max(self.config.ch_mult[:2])
+        return int(ENCODE_PEAK * height * width * widest * self._act_bytes())
+
+    def decode_tile(self, h: int, w: int, budget: int) -> int | None:
+        """None when decoding a (1, 4, h, w) latent fits `budget` bytes, else the largest tile (latent pixels) that
+        does (at least 16: below that the halo costs more than the tile)."""
+        if self.decode_bytes(h, w) <= budget:
+            return None
+        tile = max(h, w)
+        while tile > 16 and self.decode_bytes(h, w, tile) > budget:
+            tile -= 8
+        return tile
+
+    def encode_tile(self, height: int, width: int, budget: int) -> int | None:
+        """The same for encoding a (1, 3, height, width) image; tiles in pixels (at least 128)."""
+        if self.encode_bytes(height, width) <= budget:
+            return None
+        tile = max(height, width)
+        while tile > 128 and self.encode_bytes(height, width, tile) > budget:
+            tile -= 64
+        return tile
+
+    def _act_bytes(self) -> int:
+        return (self.compute_dtype or self.post_quant_conv.weight.dtype).itemsize

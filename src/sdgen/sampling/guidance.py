@@ -70,11 +70,13 @@ def cfg(unet: Callable, cond: Tensor, uncond: Tensor | None, scale: float) -> Ca
     """Classifier-free guidance as an eps_model: one batched call on [uncond; cond], then
     uncond + scale * (cond - uncond). With scale <= 1 or no uncond: a single conditional call.
 
-    unet(x, t, context) -> (B, C, h, w); cond/uncond (B, 77, D).
+    unet(x, t, context) -> (B, C, h, w); cond/uncond (B, 77, D), or tuples of batch tensors (SDXL: context and
+    added conditioning), each joined along the batch.
     """
     if uncond is None or scale <= 1:
         return lambda x, t: unet(x, t, cond)
-    context = torch.cat([uncond, cond])
+    context = torch.cat([uncond, cond]) if isinstance(cond, Tensor) else \
+        tuple(torch.cat([u, c]) for u, c in zip(uncond, cond))
 
     def eps_model(x, t):
         out_uncond, out_cond = unet(torch.cat([x, x]), t, context).chunk(2)

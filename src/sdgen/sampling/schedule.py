@@ -245,6 +245,14 @@ class Plan:
             return init_latents
         return init_latents + self.sigmas[i + 1].to(init_latents.dtype) * noise
 
+    def tail(self, start: int) -> "Plan":
+        """The plan from step `start` on, as diffusers' schedulers begin part-way (img2img's strength, the SDXL
+        refiner's denoising_start): same sigmas and per-step facts, the first `start` steps left out."""
+        if not start:
+            return self
+        extra = {k: v[start:] if isinstance(v, list) else v for k, v in self.extra.items()}
+        return Plan(self.sampler, self.sigmas[start:], self.timesteps[start:], self.init_scale, self.config, extra)
+
     def run(self, denoiser: Callable, x: Tensor, noise: Callable[[Tensor], Tensor]) -> Iterator[Tensor]:
         """Run the sampler; yields x after every step (see samplers.py).
 
@@ -348,8 +356,4 @@ def plan(sampler: str, steps: int, config: SchedulerConfig, schedule: str = "nor
     if c.clip_sample:  # None for the classes that do not have it
         extra["clip"] = c.clip_sample_range
 
-    t_start = steps - init
-    if t_start:
-        sigmas, timesteps = sigmas[t_start:], timesteps[t_start:]
-        extra = {k: v[t_start:] if isinstance(v, list) else v for k, v in extra.items()}
-    return Plan(sampler, sigmas, timesteps, init_scale, c, extra)
+    return Plan(sampler, sigmas, timesteps, init_scale, c, extra).tail(steps - init)
