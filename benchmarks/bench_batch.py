@@ -88,7 +88,14 @@ def main(argv=None):
 
     from sdgen.serve.ray import render_on_ray
 
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    for attempt in (1, 2):   # Ray gives its daemons 30 s to start: on a busy machine, try once more
+        try:
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         for n in [int(x) for x in a.actors.split(",")]:
             r = timed(jobs, render_on_ray(jobs, a.model, actors=n, num_cpus=a.num_cpus, precision=a.precision,

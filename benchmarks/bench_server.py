@@ -4,8 +4,8 @@
     python benchmarks/bench_server.py --requests 200 --clients 16 --model path/to/model.safetensors --size 512
 
 Reports: every request's outcome (all must be answered: 200, or 503 when the queue was full), throughput, p50/p95
-latency (client side, queueing included), one request alone for comparison, and the server's RSS after a warm-up
-and after the run (memory must not grow with the number of requests).
+latency (client side, queueing included), one request alone for comparison, and the server's anonymous RSS after a
+warm-up and after each round of the same load (memory must not grow with the number of requests).
 """
 
 import argparse
@@ -19,9 +19,12 @@ import httpx
 
 
 def rss_mib(pid: int) -> float:
+    """The server's anonymous resident memory (RssAnon: heap, tensors), MiB. VmRSS also counts file pages (the
+    mmapped weights, libraries) that the kernel drops and re-reads under memory pressure, so it jumps both ways on a
+    busy machine; a leak shows in RssAnon."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -88,7 +91,8 @@ def main(argv=None):
     done = [t for code, _, t in results if code == 200]
     answered = all(ok for _, ok, _ in results)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"sdgen serve load test: {a.requests} requests (x{a.rounds} rounds, the last shown), {a.clients} concurrent clients, model {a.model}, "
+    print(f"sdgen serve load test: {a.requests} requests (x{a.rounds} rounds, the last shown), "
+          f"{a.clients} concurrent clients, model {a.model}, "
           f"{a.size}x{a.size}, {a.steps} steps, queue {a.queue_size}")
     print(f"machine: {cpu}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"answers: {dict(sorted(codes.items()))}; every request answered: {'yes' if answered else 'NO'}")
@@ -96,7 +100,7 @@ def main(argv=None):
     print(f"throughput: {len(done) / wall:.2f} images/s ({len(done)} images in {wall:.1f} s)")
     if done:
         print(f"latency: p50 {percentile(done, 50):.2f} s, p95 {percentile(done, 95):.2f} s, max {max(done):.2f} s")
-    print(f"server RSS: {rss_before:.0f} MiB after warm-up, then after each round of {a.requests}: "
+    print(f"server RssAnon: {rss_before:.0f} MiB after warm-up, then after each round of {a.requests}: "
           + ", ".join(f"{r:.0f}" for r in rss_rounds) + f" MiB ({rss_after - rss_before:+.0f} MiB in all, "
           f"{rss_rounds[-1] - rss_rounds[0]:+.0f} MiB after the first round)")
     return 0 if answered else 1

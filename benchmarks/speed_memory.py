@@ -232,8 +232,9 @@ def run(job, log):
     if p.returncode:
         log(f"  FAILED: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-    log(f"  done in {time.perf_counter() - t0:.0f} s")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    log(f"  done in {time.perf_counter() - t0:.0f} s: {json.dumps(out)}")  # kept in the log if the run is cut short
+    return out
 
 
 def gib(v):

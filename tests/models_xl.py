@@ -200,9 +200,10 @@ SDXL_UNET = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
              "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True}
 
 
-def full_size_pair(config: dict):
-    """(diffusers UNet, ours) of a real-size config with the same random weights, sharing their storage (one copy
-    in memory), and our config read off the original-layout shapes as a single file would give it."""
+def full_size_pair(config: dict, dtype=torch.float32):
+    """(diffusers UNet, ours) of a real-size config with the same random weights stored in `dtype`, sharing their
+    storage (one copy in memory), and our config read off the original-layout shapes as a single file would give
+    it. Ours computes in float32 whatever the storage."""
     from diffusers import UNet2DConditionModel
 
     from sdgen.nets.unet import UNet, UNetConfig, diffusers_renames
@@ -226,10 +227,30 @@ def full_size_pair(config: dict):
             t = 0.02 * t
         else:
             t = t / max(1, p[0].numel()) ** 0.5
-        state[k] = t
+        state[k] = t.to(dtype)
     theirs.load_state_dict(state, assign=True, strict=True)
     with torch.device("meta"):
-        ours = UNet(ours_config).eval()
+        ours = UNet(ours_config, compute_dtype=torch.float32).eval()
     ours.load_state_dict({table[k]: v for k, v in state.items()}, assign=True, strict=True)
     from_file = UNetConfig.from_shapes({k: tuple(v.shape) for k, v in ours.state_dict().items()})
     return theirs, ours, from_file
+
+
+def compute_in_float32_(module):
+    """Run a module stored in bf16 with float32 arithmetic: each layer's own parameters are upcast just before it
+    runs and put back after (one layer in float32 at a time), as sdgen's layers cast theirs."""
+    def before(m, args):
+        m._stored = {n: p.data for n, p in m.named_parameters(recurse=False)}
+        for p in m.parameters(recurse=False):
+            p.data = p.data.float()
+
+    def after(m, args, out):
+        for n, p in m.named_parameters(recurse=False):
+            p.data = m._stored[n]
+        del m._stored
+
+    for m in module.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            m.register_forward_pre_hook(before)
+            m.register_forward_hook(after)
+    return module

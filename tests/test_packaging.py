@@ -12,10 +12,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _requirements():
+def _requirements(extras=("test",)):
+    """(runtime deps, what the given extras add); an extra naming `sdgen[x]` brings extra x's packages."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = project["optional-dependencies"]
     names = lambda reqs: {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
-    return names(project["dependencies"]), names(project["optional-dependencies"]["test"])
+
+    def extra(name):
+        own = re.compile(r"sdgen\[(.+)\]")
+        reqs = optional[name]
+        found = names(r for r in reqs if not own.fullmatch(r))
+        for r in reqs:
+            if m := own.fullmatch(r):
+                for x in m.group(1).split(","):
+                    found |= extra(x.strip())
+        return found
+
+    return names(project["dependencies"]), set().union(*(extra(x) for x in extras))
 
 
 def _imports(files):
@@ -40,9 +53,11 @@ def _distributions(modules, local):
 
 
 def test_package_imports_are_dependencies():
-    deps, _ = _requirements()
+    """Runtime imports come from `dependencies`, or from an optional extra (imported only where it is used)."""
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    deps, extras = _requirements(tuple(x for x in optional if x != "test"))
     for module, dists in _distributions(_imports((ROOT / "src").rglob("*.py")), set()).items():
-        assert dists & deps, f"the package imports {module} ({dists}) but pyproject does not depend on it"
+        assert dists & (deps | extras), f"the package imports {module} ({dists}) but pyproject does not declare it"
 
 
 def test_test_imports_are_declared():

@@ -141,13 +141,16 @@ def test_info_names_family(base, refiner, capsys):
 
 
 def test_full_size_unet_matches_diffusers():
-    """The SDXL base UNet at full size (2.6B random weights, one copy shared by both) at a small latent."""
+    """The SDXL base UNet at full size (2.6B random weights, one copy shared by both) at a small latent. Stored in
+    bf16 (5 GB: fp32 would take 10 GB of a 24 GB machine shared with other jobs), computed in float32 by both:
+    diffusers' layers get their weights upcast one layer at a time, as sdgen's do."""
     from dataclasses import replace
 
-    from models_xl import SDXL_UNET, full_size_pair
+    from models_xl import SDXL_UNET, compute_in_float32_, full_size_pair
     from sdgen.families import sdxl
 
-    theirs, ours, from_file = full_size_pair(SDXL_UNET)
+    theirs, ours, from_file = full_size_pair(SDXL_UNET, torch.bfloat16)
+    compute_in_float32_(theirs)
     assert replace(from_file, head_channels=64) == ours.config and ours.config.transformer_depth == (0, 2, 10)
     g = torch.Generator().manual_seed(1)
     x, ctx, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g)

@@ -44,7 +44,6 @@ class Line:
     n_iter: int = 1           # A1111's batch count: n_iter requests, seeds continuing
     ignored: tuple = ()       # field names the line gives that sdgen does not use
     error: str = ""
-    named: bool = False       # the id is the line's own `id` field (else a hash of its content)
 
 
 @dataclass(frozen=True)
@@ -135,14 +134,23 @@ def _limits():
     return Limits(max_side=MAX_SIDE, max_steps=MAX_STEPS, max_images=MAX_IMAGES)
 
 
-class _OneModel:
-    """The model list a line is checked against: a batch runs the one --model (no per-line sd_model_checkpoint)."""
+def _one_model():
+    """What a line is checked against, as the server's model and file listing (sdgen.serve.library): a batch runs
+    the one --model (no per-line sd_model_checkpoint), and has no LoRA or embedding folders."""
+    from .serve.library import Library
 
-    def find(self, name):
-        if name != "--model":
-            raise SdgenError(f"a batch renders every line with its --model; {one_line(str(name))[:100]!r} "
-                             "cannot be switched to")
-        return None
+    class OneModel(Library):
+        def find(self, name):
+            return _only_model(name)
+
+    return OneModel(None)
+
+
+def _only_model(name):
+    if name != "--model":
+        raise SdgenError(f"a batch renders every line with its --model; {one_line(str(name))[:100]!r} "
+                         "cannot be switched to")
+    return None
 
 
 def _parse(number: int, line_id: str, obj: dict, defaults: dict) -> Line:
@@ -160,7 +168,7 @@ def _parse(number: int, line_id: str, obj: dict, defaults: dict) -> Line:
         if body.seed is None or body.seed == -1:   # A1111's "random": a seed of the line's own, the same every run
             body = body.model_copy(update={"seed": line_seed(line_id)})
         request, n_iter, _ = a1111_request(body, _limits(), {"CLIP_stop_at_last_layers": 1,
-                                                               "sd_model_checkpoint": "--model"}, _OneModel())
+                                                               "sd_model_checkpoint": "--model"}, _one_model())
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "line"
@@ -168,7 +176,7 @@ def _parse(number: int, line_id: str, obj: dict, defaults: dict) -> Line:
     except SdgenError as e:
         return Line(number, line_id, error=str(e))
     ignored = tuple(k for k in obj if k not in Txt2Img.model_fields and k != "id")
-    return Line(number, line_id, request, n_iter, ignored, named="id" in obj)
+    return Line(number, line_id, request, n_iter, ignored)
 
 
 def plan(lines: Iterable[Line], model=None) -> tuple[list[Job], list[tuple[Line, str]]]:
@@ -182,7 +190,8 @@ def plan(lines: Iterable[Line], model=None) -> tuple[list[Job], list[tuple[Line,
             continue
         try:
             base = line.request.resolve(model)
-            reqs = [base] + [replace(base, seed=base.seed + k * base.count).resolve(model) for k in range(1, line.n_iter)]
+            reqs = [base] + [replace(base, seed=base.seed + k * base.count).resolve(model)
+                             for k in range(1, line.n_iter)]
         except SdgenError as e:
             refused.append((line, str(e)))
             continue

@@ -14,7 +14,7 @@ The three SD1 parts are sdgen's own modules at small sizes, trained on the proce
                  both networks (the text encoder changes jointly with the UNet: their averages must match).
                  Every third step also trains the VAE decoder alone (the encoder, so the latents, stay fixed):
                  colours are what a small SD1 VAE learns slowest (see FULL). The log checks prompt following
-                 (held-out triples, position words) and the VAE alone every EVAL_EVERY steps.
+                 (held-out triples, position words) and the VAE alone every eval_every steps.
   4. export      DIR/demo.safetensors: an SD1 single file, original CompVis keys, fp16.
 
 Every step draws its data from generators seeded by (seed, phase, step), and checkpoints hold all model and

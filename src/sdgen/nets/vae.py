@@ -205,8 +205,9 @@ class AttnBlock(nn.Module):
     def forward(self, x):  # (B, C, H, W)
         b, c, h, w = x.shape
         y = self.norm(x)
-        # (B, 1, HW, C); SDPA avoids materialising the 4096x4096 scores where a fused kernel exists
-        q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(-1, -2) for proj in (self.q, self.k, self.v))
+        # (B, 1, HW, C), made contiguous: PyTorch's fused (flash) CPU kernel needs the channel dim dense and otherwise
+        # falls back to building the HW x HW scores: 64 MB more at 512x512, 16 GB at 2048x2048
+        q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(-1, -2).contiguous() for proj in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v)
         return self.proj_out(y.transpose(-1, -2).reshape(b, c, h, w)).add_(x)
 

@@ -121,9 +121,10 @@ class Guard:
         try:
             await self.app(scope, replay, watch)
         except Exception as e:  # noqa: BLE001 - a bug of ours: one line, the server goes on
-            self.log(f"sdgen serve: internal error on {scope.get('path')}: {type(e).__name__}: {one_line(str(e))[:300]}")
+            what = f"{type(e).__name__}: {one_line(str(e))[:300]}"
+            self.log(f"sdgen serve: internal error on {scope.get('path')}: {what}")
             if not started:
-                await _send_json(send, 500, {"detail": f"internal error ({type(e).__name__}: {one_line(str(e))[:300]})"})
+                await _send_json(send, 500, {"detail": f"internal error ({what})"})
 
     def _authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
@@ -135,7 +136,8 @@ class Guard:
             return False
         ok = False
         for u, p in self.auth:   # compare with every pair, in constant time: no early exit that times the names
-            ok |= secrets.compare_digest(u.encode(), user.encode()) & secrets.compare_digest(p.encode(), password.encode())
+            same_user = secrets.compare_digest(u.encode(), user.encode())
+            ok |= same_user & secrets.compare_digest(p.encode(), password.encode())
         return ok
 
 

@@ -4,6 +4,9 @@ Batch (`sdgen batch FILE --ray [ADDRESS]`): the driver reads and checks the line
 sdgen.batch); Ray Data streams the jobs through `map_batches` over an actor pool, one loaded model per actor
 (`num_cpus`/`num_gpus` each), and streams the PNG bytes back. Nothing on the workers touches the output folder,
 so a cluster needs no shared filesystem, and a killed driver leaves nothing half-written.
+
+Serving (`sdgen serve --ray`, `serve run sdgen.serve.ray:build ...`): an ingress deployment over model-replica
+deployments, each replica the single server's own app; see the section "serving" below.
 """
 
 from __future__ import annotations
@@ -39,8 +42,7 @@ def connect(address: str | None, log=None):
     if ray.is_initialized():
         return ray
     try:
-        ray.init(address=address or None, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(address=address or None, log_to_driver=False)   # workers' logs stay in Ray's log folder
     except ConnectionError as e:
         raise SdgenError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS') or 'auto'}: "
                          f"{str(e).splitlines()[0]}") from None
@@ -232,7 +234,8 @@ class ModelReplica:
                 idle = idle or _idle()
                 final = "interrupted" if job.stop == "interrupt" else job.state
                 updates[tid] = {"state": final, "started": job.started,
-                                "progress": {**idle, "progress": 1.0, "textinfo": final.capitalize()}}
+                                "progress": {**idle, "progress": 1.0, "textinfo": final.capitalize(),
+                                             "state": {**idle["state"], "interrupted": final == "interrupted"}}}
                 del self.tasks[tid]
             elif self.worker.current is job:
                 updates[tid] = {"state": "running", "started": job.started, "progress": self.worker.progress(True)}

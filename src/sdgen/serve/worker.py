@@ -259,7 +259,8 @@ class Worker:
                 try:
                     for x, i, n in loop:
                         job.step, job.steps = i + 1, n
-                        job.text = f"Sampling step {i + 1}/{n}" + (f", batch {k + 1}/{job.n_iter}" if job.n_iter > 1 else "")
+                        batch = f", batch {k + 1}/{job.n_iter}" if job.n_iter > 1 else ""
+                        job.text = f"Sampling step {i + 1}/{n}{batch}"
                         self._latest = ((job.id, k, i), x[:1].clone())
                         if job.stop is not None:
                             break
