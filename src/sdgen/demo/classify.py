@@ -25,7 +25,6 @@ class Reading:
     shape: str | None
     background: str
     area: float              # object pixels, fraction of the picture
-    column: float = 0.5      # the object's mean column, 0 (left edge) to 1 (right edge); 0.5 when there is none
 
 
 def nearest_colour(rgb) -> str:
@@ -57,7 +56,7 @@ def classify(image) -> Reading:
         iou = (t & mask).sum() / max(1, (t | mask).sum())
         if iou > best_iou:
             best, best_iou = shape, iou
-    return Reading(nearest_colour(obj), best, nearest_colour(bg), float(mask.mean()), float((xs.mean() + 0.5) / w))
+    return Reading(nearest_colour(obj), best, nearest_colour(bg), float(mask.mean()))
 
 
 def _stretched(shape, cx, cy, sx, sy, h, w):

@@ -11,7 +11,7 @@ Caption grammar (the words the demo model understands):
     a [SIZE] COLOUR SHAPE [POSITION] on a BACKGROUND background      ("an" before "orange", as in English)
   SIZE      "small" | "large"            said half of the time when the shape is small or large; medium is never named
   POSITION  "on the left" | "on the right" | "at the top" | "at the bottom" | "in the center"
-                                          said 70% of the time
+                                          said half of the time
 e.g. "a red circle on a blue background", "a small yellow triangle at the top on a black background",
 "an orange square on the left on a purple background".
 A caption that leaves size or position out stands for any size or position, as in the training pictures.
@@ -45,8 +45,6 @@ POSITIONS = {  # centre (x, y), pixels; jittered by up to JITTER
 POSITION_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                   "center": "in the center"}
 JITTER = 8
-SIZE_P = 0.5      # how often a caption names the size (small/large) or the position: a word said more often is
-POSITION_P = 0.7  # learnt sooner; position, the hardest, is said most. The rest stand for "any"
 COLOUR_JITTER = 12  # per channel, so the model learns colour names, not eight exact RGB values
 
 
@@ -97,8 +95,8 @@ class Scene:
 
     def caption(self, rng: np.random.Generator) -> str:
         """One of the captions that describe this scene (see the grammar above)."""
-        size = self.size if self.size != "medium" and rng.random() < SIZE_P else ""
-        position = self.position if rng.random() < POSITION_P else ""
+        size = self.size if self.size != "medium" and rng.random() < 0.5 else ""
+        position = self.position if rng.random() < 0.5 else ""
         return caption(self.colour, self.shape, self.background, size, position)
 
 

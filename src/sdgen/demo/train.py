@@ -1,11 +1,10 @@
 """Trains the built-in demo model from nothing on this machine's CPU: `python -m sdgen.demo.train --out DIR`.
 
 The three SD1 parts are sdgen's own modules at small sizes, trained on the procedural shapes of data.py:
-  1. VAE         reconstruction (L1 + L2, the object's pixels weighted up: see recon_loss) with a small KL term,
-                 on 32x32 crops over the shape's edge, then whole 128x128 pictures. Then its latent space is
-                 re-parametrised (exactly: quant_conv and post_quant_conv absorb a per-channel affine map) so that
-                 latents times SD1's fixed 0.18215 have zero mean and unit std per channel, as sdgen reads single
-                 files with that constant.
+  1. VAE         reconstruction (L1 + L2) with a small KL term, on 64x64 crops around the shape, then whole
+                 128x128 pictures. Then its latent space is re-parametrised (exactly: quant_conv and
+                 post_quant_conv absorb a per-channel affine map) so that latents times SD1's fixed 0.18215 have
+                 zero mean and unit std per channel, as sdgen reads single files with that constant.
   2. latents     IMAGES fixed pictures encoded once (posterior means); captions are redrawn at every step.
   3. UNet + CLIP jointly, on SD1's schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon prediction), so
                  every sdgen sampler applies. AdamW with warmup and cosine decay, 10% empty captions for classifier-
@@ -13,15 +12,14 @@ The three SD1 parts are sdgen's own modules at small sizes, trained on the proce
                  background colour against the small mean-colour leak SD1's schedule keeps at t = 999), EMA of
                  both networks (the text encoder changes jointly with the UNet: their averages must match).
                  Every third step also trains the VAE decoder alone (the encoder, so the latents, stay fixed):
-                 colours are what a small SD1 VAE learns slowest (see FULL). The log checks prompt following
-                 (held-out triples, position words) and the VAE alone every eval_every steps.
+                 colours are what a small SD1 VAE learns slowest (see FULL).
   4. export      DIR/demo.safetensors: an SD1 single file, original CompVis keys, fp16.
 
 Every step draws its data from generators seeded by (seed, phase, step), and checkpoints hold all model and
 optimiser state, so an interrupted run resumes at its last checkpoint (rerun the same command) and ends with the
 same weights as an uninterrupted one. A resumed run may be given another --minutes: the step counts, hence what
 is left of the learning-rate schedule, change; the networks may not. `--minutes` scales the step counts (60: the
-shipped recipe, MEASURED_TOTAL on 2 shared cores of an AMD EPYC); the same arguments give the same model.
+shipped recipe, about 75 minutes on 2 shared cores of an AMD EPYC); the same arguments give the same model.
 """
 
 import argparse
@@ -53,25 +51,23 @@ class Recipe:
     vae: VAEConfig
     clip: CLIPConfig
     unet: UNetConfig
-    vae_steps: int = 800
-    vae_batch: int = 16
-    vae_crop: int = 32          # crops for the first steps; then whole pictures, an eighth as many (GroupNorm's
-    vae_whole: float = 0.3      # statistics differ on crops): this fraction of the VAE steps
-    object_weight: float = 1.0  # extra reconstruction weight of the object's pixels (see recon_loss)
+    vae_steps: int = 2000
+    vae_batch: int = 8
+    vae_crop: int = 64          # crops for the first 80% of the VAE steps; then whole pictures, a quarter as many
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5     # per latent element, against the per-pixel L1
-    images: int = 4_000         # pictures encoded for the diffusion phase
-    unet_steps: int = 2600
+    images: int = 6_000         # pictures encoded for the diffusion phase
+    unet_steps: int = 1300
     unet_batch: int = 32
-    unet_lr: float = 8e-4
+    unet_lr: float = 6e-4
     warmup: int = 100
     ema_decay: float = 0.998
     cfg_dropout: float = 0.1
     noise_offset: float = 0.1
     min_snr: float = 5.0
-    eval_every: int = 500       # UNet steps between prompt-following checks in the log (0: none)
+    eval_every: int = 250       # UNet steps between prompt-following checks in the log (0: none)
     decoder_every: int = 3      # during the UNet phase, a VAE decoder step every this many steps (0: none)
-    decoder_lr: float = 4e-4
+    decoder_lr: float = 2e-4
 
     def scaled(self, minutes: float) -> "Recipe":
         f = minutes / 60
@@ -79,10 +75,10 @@ class Recipe:
 
 
 FULL = Recipe(
-    # 4 levels: 128x128 -> 16x16x4 latents, 64 channels at every level. With SD1's 32 norm groups, a 32-channel
-    # norm has 1 channel per group and removes each channel's level over the picture, a flat colour with it
-    vae=VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
-    # the real 49408-token vocabulary dominates: 72 wide (12 heads of 6) keeps it at 3.8M parameters
+    # 4 levels: 128x128 -> 16x16x4 latents. The last norm of each side (64 channels) has 2 channels per group:
+    # with 1 (32 channels), GroupNorm removes each channel's level over the picture, and a flat colour with it
+    vae=VAEConfig(ch=32, ch_mult=(2, 1, 1, 2), num_res_blocks=1),
+    # the real 49408-token vocabulary dominates: 72 wide (12 heads of 6) keeps it at 3.6M parameters
     clip=CLIPConfig(hidden_size=72, intermediate_size=288, num_layers=3),
     # 16x16 -> 8x8 -> 4x4 latents; cross attention at 8x8 and 4x4 (where it is cheap)
     unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
@@ -190,33 +186,6 @@ def eval_prompts(n: int = 24):
     """(prompts, expected (colour, shape, background)) over the held-out triples, plain captions."""
     triples = list(data.HELD_OUT)[:n]
     return [data.caption(c, s, b) for c, s, b in triples], triples
-
-
-def vae_batch(rng: np.random.Generator, n: int, crop: int | None):
-    """n training pictures for the VAE, (n, 3, c, c) in [-1, 1], and their object coverage (n, 1, c, c): whole
-    pictures (crop None) or c x c crops placed at random over the shape, so that most show its edge and both
-    colours (a crop of background alone teaches little)."""
-    scenes = [data.Scene.random(rng) for _ in range(n)]
-    x = data.to_tensor_batch(np.stack([data.render(s) for s in scenes]))  # (n, 3, 128, 128)
-    mask = torch.from_numpy(np.stack([data.shape_mask(s.shape, s.cx, s.cy, s.half) for s in scenes])).float()[:, None]
-    if crop is None:
-        return x, mask
-
-    def corner(centre, half):
-        return int(np.clip(centre - crop / 2 + rng.uniform(-half, half), 0, data.SIDE - crop))
-
-    corners = [(corner(s.cy, s.half), corner(s.cx, s.half)) for s in scenes]
-    cut = lambda t: torch.stack([im[:, y:y + crop, x_:x_ + crop] for im, (y, x_) in zip(t, corners)])
-    return cut(x), cut(mask)
-
-
-def recon_loss(y, x, mask, object_weight: float):
-    """L1 + L2 per pixel (the squares weigh wrong colours, large errors, more) over the whole picture, plus
-    object_weight times the same over the object's pixels alone: a small shape is a few percent of the pixels,
-    yet its colour is half of what a caption says. y, x: (n, 3, h, w); mask: (n, 1, h, w) coverage in [0, 1]."""
-    err = ((y - x).abs() + (y - x).pow(2)).mean(1, keepdim=True)
-    return err.mean() + object_weight * (err * mask).sum() / mask.sum().clamp(min=1.0)
-
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -337,24 +306,31 @@ class Trainer:
         while self.step < r.vae_steps:
             threads.tick(self.step)
             rng, g = step_rng(self.seed, "vae", self.step)
-            whole = self.step >= (1 - r.vae_whole) * r.vae_steps
-            x, mask = vae_batch(rng, max(1, r.vae_batch // 8) if whole else r.vae_batch, None if whole else r.vae_crop)
+            whole = self.step >= 0.8 * r.vae_steps
+            n = max(1, r.vae_batch // 4) if whole else r.vae_batch
+            scenes = [data.Scene.random(rng) for _ in range(n)]
+            x = data.to_tensor_batch(np.stack([data.render(s) for s in scenes]))  # (n, 3, 128, 128)
+            if not whole:  # crops around the shape: a crop of background alone has no colour to tell (see Recipe)
+                c = r.vae_crop
+                corner = lambda centre: int(np.clip(centre - c / 2 + rng.uniform(-c / 4, c / 4), 0, data.SIDE - c))
+                corners = [(corner(s.cy), corner(s.cx)) for s in scenes]
+                x = torch.stack([img[:, y:y + c, x_:x_ + c] for img, (y, x_) in zip(x, corners)])
             for group in self.vae_opt.param_groups:
                 group["lr"] = lr_at(self.step, r.vae_steps, r.vae_lr, 50)
             mean, logvar = vae.encode_moments(x)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
             y = vae.decoder(vae.post_quant_conv(z))
-            rec = recon_loss(y, x, mask, r.object_weight)
+            rec = (y - x).abs().mean()
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-            loss = rec + r.kl_weight * kl
+            loss = rec + (y - x).pow(2).mean() + r.kl_weight * kl  # the squares weigh wrong colours (large errors) more
             self.vae_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.vae_opt.step()
             self.step += 1
-            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.1f}")
+            bar.set_postfix(l1=f"{rec.item():.4f}", kl=f"{kl.item():.1f}")
             bar.update()
             if self.step % 100 == 0:
-                self.log(f"vae step {self.step}/{r.vae_steps} rec {rec.item():.4f} kl {kl.item():.2f} "
+                self.log(f"vae step {self.step}/{r.vae_steps} l1 {rec.item():.4f} kl {kl.item():.2f} "
                          f"threads {torch.get_num_threads()}")
             if self.maybe_save():
                 bar.close()
@@ -440,24 +416,23 @@ class Trainer:
         return False
 
     def decoder_step(self, step: int):
-        """One step of the VAE decoder alone. The encoder, hence the latents the UNet learns, stays fixed: the
-        decoder keeps improving (its colours converge slowest) at little cost to the UNet."""
-        r, vae = self.recipe, self.vae
+        """One step of the VAE decoder alone on whole pictures. The encoder, hence the latents the UNet learns,
+        stays fixed: the decoder keeps improving (its colours converge slowest) at no cost to the UNet."""
         rng, g = step_rng(self.seed, "done", step)
-        # whole pictures: GroupNorm's statistics over a crop (mostly shape) are not those over a picture (mostly
-        # background); a decoder tuned on crops draws wrong flat colours on whole pictures
-        x, mask = vae_batch(rng, max(1, r.vae_batch // 8), None)
+        scenes = [data.Scene.random(rng) for _ in range(max(1, self.recipe.vae_batch // 4))]
+        x = data.to_tensor_batch(np.stack([data.render(s) for s in scenes]))
+        vae = self.vae
         with torch.no_grad():
             mean, logvar = vae.encode_moments(x)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
-        loss = recon_loss(vae.decoder(vae.post_quant_conv(z)), x, mask, r.object_weight)
+        y = vae.decoder(vae.post_quant_conv(z))
+        loss = (y - x).abs().mean() + (y - x).pow(2).mean()
         for group in self.vae_opt.param_groups:
-            group["lr"] = lr_at(step, r.unet_steps, r.decoder_lr, 0)
+            group["lr"] = self.recipe.decoder_lr
         self.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.vae_opt.step()  # parameters without a gradient (the encoder's) are left alone
 
-    @torch.inference_mode()
     def evaluate(self):
         """Prompt following of the EMA networks on held-out triples, logged (a few seconds)."""
         from .classify import classify, score
@@ -465,18 +440,7 @@ class Trainer:
         prompts, expected = eval_prompts()
         pics = sample(self.vae, self.ema_clip, self.ema_unet, self.tokenizer, prompts, range(len(prompts)))
         s = score([classify(p) for p in pics], expected)
-        # position words: the object's mean column, "on the left" against "on the right", same seeds
-        sides = [[classify(p).column for p in sample(self.vae, self.ema_clip, self.ema_unet, self.tokenizer,
-                                                     [data.caption(*t, position=w) for t in expected[:8]], range(8))]
-                 for w in ("left", "right")]
-        left = sum(a < b for a, b in zip(*sides))
-        # the VAE alone (encode, decode) on pictures of the same triples: what the decoder allows
-        pixels, scenes = data.sample(123, 24, allow_held_out=True)
-        y = self.vae.decode(self.vae.encode(data.to_tensor_batch(pixels))).clamp(-1, 1)
-        y = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        vae = score([classify(p) for p in y], [(c.colour, c.shape, c.background) for c in scenes])
-        self.log(f"eval at unet step {self.step}: " + " ".join(f"{k} {v:.2f}" for k, v in s.items())
-                 + f" left-of-right {left}/8; VAE alone: " + " ".join(f"{k} {v:.2f}" for k, v in vae.items()))
+        self.log(f"eval at unet step {self.step}: " + " ".join(f"{k} {v:.2f}" for k, v in s.items()))
 
 
 def _bar(total, start, desc, chunks=1):
