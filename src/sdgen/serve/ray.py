@@ -117,13 +117,16 @@ class JobBoard:
     KEEP = 600      # seconds a finished job's last state is kept
 
     def __init__(self):
-        self.jobs: dict[str, dict] = {}     # id -> {"state", "progress" (A1111 /progress answer), "started"}
+        self.jobs: dict[str, dict] = {}     # id -> {"state", "run", "progress" (A1111 /progress answer), "started"}
         self.stops: dict[str, str] = {}     # id -> "interrupt" | "skip", until its replica takes it
 
     def sync(self, updates: dict) -> dict:
         """A replica's report {id: {...}}; returns the stop requests for those ids."""
         now = time.time()
         for tid, info in updates.items():
+            was = self.jobs.get(tid)
+            if was and was["run"] == info["run"] and was["state"] not in ("queued", "running"):
+                continue   # an older report of this run that arrived after its end: an ended run stays ended
             self.jobs[tid] = {**info, "updated": now}
         for tid in [t for t, j in self.jobs.items() if j["state"] not in ("queued", "running")
                     and now - j["updated"] > self.KEEP]:
@@ -215,6 +218,7 @@ class ModelReplica:
             return job
 
         self.worker.submit = tagged
+        self._lock = threading.Lock()        # the publisher thread and forward() both report
         self._closing = threading.Event()
         threading.Thread(target=self._publish, name="sdgen-publish", daemon=True).start()
 
@@ -224,24 +228,49 @@ class ModelReplica:
             status, out, answer = await call_asgi(self.app, method, path, query, headers, body)
         finally:
             _TASK.reset(token)
+        if task in self.tasks:   # its end is on the board before the client has its answer (then asks /progress)
+            await self._sync(self._report(only=task))
         return status, [*out, ("x-sdgen-replica", self.name)], answer
 
-    def _report(self) -> dict:
+    async def _sync(self, updates: dict):
+        import ray
+
+        try:
+            await ray.get_actor(self.board_name).sync.remote(updates)
+        except Exception as e:  # noqa: BLE001 - the publisher reports it again while the job is listed
+            _stderr(f"sdgen serve --ray: progress report failed ({type(e).__name__}: {str(e)[:200]})")
+        else:
+            self._forget(updates)
+
+    def _forget(self, updates: dict):
+        """Stop reporting the jobs whose end the board has now."""
+        with self._lock:
+            for tid, info in updates.items():
+                if info["state"] not in ("queued", "running"):
+                    self.tasks.pop(tid, None)
+
+    def _report(self, only: str | None = None) -> dict:
+        with self._lock:
+            tasks = [(only, self.tasks[only])] if only in self.tasks else [] if only else list(self.tasks.items())
+            return self._describe(tasks)
+
+    def _describe(self, tasks) -> dict:
         idle = None
         updates = {}
-        for tid, job in list(self.tasks.items()):
+        for tid, job in tasks:
+            run = f"{self.name}/{job.id}"   # one run of the id (a client may reuse an id for its next job)
             if job.done:
                 idle = idle or _idle()
                 final = "interrupted" if job.stop == "interrupt" else job.state
-                updates[tid] = {"state": final, "started": job.started,
+                updates[tid] = {"state": final, "run": run, "started": job.started,
                                 "progress": {**idle, "progress": 1.0, "textinfo": final.capitalize(),
                                              "state": {**idle["state"], "interrupted": final == "interrupted"}}}
-                del self.tasks[tid]
             elif self.worker.current is job:
-                updates[tid] = {"state": "running", "started": job.started, "progress": self.worker.progress(True)}
+                updates[tid] = {"state": "running", "run": run, "started": job.started,
+                                "progress": self.worker.progress(True)}
             else:
                 idle = idle or _idle()
-                updates[tid] = {"state": "queued", "started": 0.0,
+                updates[tid] = {"state": "queued", "run": run, "started": 0.0,
                                 "progress": {**idle, "textinfo": "Waiting...",
                                              "state": {**idle["state"], "queued": self.worker.queued}}}
         return updates
@@ -257,6 +286,7 @@ class ModelReplica:
                 updates = self._report()
                 board = board or ray.get_actor(self.board_name)
                 stops = ray.get(board.sync.remote(updates), timeout=10)
+                self._forget(updates)
             except Exception as e:  # noqa: BLE001 - the board restarts with the ingress: report again next time
                 if board is not None or not str(e).startswith("Failed to look up actor"):
                     _stderr(f"sdgen serve --ray: progress report failed ({type(e).__name__}: {str(e)[:200]})")
