@@ -134,9 +134,8 @@ def _accuracy(pipe, prompts, triples, seed, sampler="euler", steps=20):
     return score([classify(im) for im in images], triples)
 
 
-# The shipped model (trained ~75 min on 2 shared cores) misses the targets: measured 0.48 object colour, 0.79
-# background, 0.67 shape on these 48 pairs. Remove the marker once a retrained model meets them.
-@pytest.mark.xfail(strict=False, reason="shipped demo model below target: colour 0.48, background 0.79, shape 0.67")
+# The shipped model (`python -m sdgen.demo.train`, 68.9 min on 2 idle cores) measured 0.958 object colour, 1.00
+# background, 1.00 shape on these 48 pairs (46/48, 48/48, 48/48).
 def test_prompt_following_euler(demo):
     """48 prompt/seed pairs: the 24 held-out triples, two seeds each."""
     prompts, triples = _held_out_prompts()
@@ -154,10 +153,10 @@ def test_size_words(demo):
                                      seed=seed, width=128, height=128))
 
     area = lambda ims: np.mean([classify(im).area for im in ims])
-    assert area(draw(3, size="large")) > 1.3 * area(draw(3, size="small"))  # measured 1.9x (the dataset: ~5x)
+    assert area(draw(3, size="large")) > 1.5 * area(draw(3, size="small"))  # measured 3.7x (the dataset: ~5x)
 
 
-@pytest.mark.xfail(strict=False, reason="the shipped demo model ignores position words: 4 of 8 measured")
+@pytest.mark.xfail(strict=False, reason="position words are weak in the shipped demo model: 5 of 8 measured")
 def test_position_words(demo):
     """'on the left' draws the shape left of where 'on the right' does, on held-out triples."""
     triples = list(data.HELD_OUT)[:8]
@@ -183,9 +182,9 @@ OTHER_SAMPLERS = [s for s in SAMPLERS if s not in ("euler", "lcm")]  # lcm needs
 def test_other_samplers_draw_recognisable_scenes(demo, sampler):
     prompts, triples = _held_out_prompts()
     s = _accuracy(demo, prompts[:12], triples[:12], seed=500, sampler=sampler)
-    # a recognisable scene: the background colour and the shape mostly right (measured: background 0.67-0.92,
-    # shape 0.50-0.75; the object colour, 0.17-0.33, is the shipped model's weak point, see above)
-    assert s["background"] >= 0.6 and s["shape"] >= 0.4, s
+    # a recognisable scene: the background colour and the shape mostly right. Measured (colour/shape/background):
+    # ddim, ddpm, euler_a, heun, dpmpp_2m, unipc 1.00/1.00/1.00; lms 0.83/0.75/0.83; pndm 0.58/0.67/0.92
+    assert s["background"] >= 0.75 and s["shape"] >= 0.5, s
 
 
 def test_twenty_euler_steps_at_128_are_quick(demo):

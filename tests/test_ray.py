@@ -230,3 +230,20 @@ def test_serve_application_builder_for_serve_run_and_config_files():
         build({"replica": 2})
     with pytest.raises(SdgenError, match="MIN:MAX"):
         build({"autoscale": "4:1"})
+
+
+def test_job_board_keeps_an_ended_run_ended():
+    """A replica's progress reports travel on two paths (its publisher thread, and the end of each request, sent
+    before the answer): a report of a run that arrives after that run's end must not make it running again,
+    while a new run under the same id (a client reusing its task id) is shown."""
+    from sdgen.serve.ray import JobBoard
+
+    board = JobBoard()
+    running = lambda run, p: {"state": "running", "run": run, "started": 1.0, "progress": {"progress": p}}
+    board.sync({"t": running("r/1", 0.5)})
+    board.sync({"t": {"state": "done", "run": "r/1", "started": 1.0, "progress": {"progress": 1.0}}})
+    board.sync({"t": running("r/1", 0.9)})               # the publisher's older snapshot, arriving late
+    assert board.progress("t") == {"progress": 1.0}
+    assert board.stop("t", "interrupt") == 0             # nothing left to stop
+    board.sync({"t": running("r/2", 0.1)})               # the next job under the same id
+    assert board.progress("t") == {"progress": 0.1} and board.progress("") == {"progress": 0.1}

@@ -28,12 +28,26 @@ def open_image(path, what="image"):
         kind = "a folder" if path.is_dir() else "not a regular file"
         raise SdgenError(f"{path}: {what} is {kind}; give an image file (PNG, JPEG, WebP, BMP, TIFF, GIF)")
     try:
-        with Image.open(path, formats=RASTER_FORMATS) as im:
+        return read_image(path, what)
+    except ImageRefused as e:
+        raise SdgenError(f"{path}: {e}") from None
+
+
+class ImageRefused(ValueError):
+    """Why read_image refused an image: one line, without the name of where it came from."""
+
+
+def read_image(source, what="image") -> Image.Image:
+    """An image from a path or a binary file object (an upload, decoded base64), with the checks of open_image:
+    raster formats only, size limits read from the header before any decode, EXIF orientation, the first frame,
+    the PNG text chunks kept in .info. Raises ImageRefused."""
+    try:
+        with Image.open(source, formats=RASTER_FORMATS) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
-                raise SdgenError(f"{path}: {what} is {w}x{h}, larger than the {MAX_PIXELS // 1_000_000} megapixels sdgen accepts")
+                raise ImageRefused(f"{what} is {w}x{h}, larger than the {MAX_PIXELS // 1_000_000} megapixels sdgen accepts")
             if min(w, h) < MIN_SIDE:
-                raise SdgenError(f"{path}: {what} is {w}x{h}; it must be at least {MIN_SIDE}x{MIN_SIDE} pixels")
+                raise ImageRefused(f"{what} is {w}x{h}; it must be at least {MIN_SIDE}x{MIN_SIDE} pixels")
             im.seek(0)
             im.load()
             text = dict(getattr(im, "text", {}) or {})
@@ -41,14 +55,14 @@ def open_image(path, what="image"):
             out = out.copy() if out is im else out
             out.info.update(text)
             return out
-    except SdgenError:
+    except ImageRefused:
         raise
     except Image.DecompressionBombError:  # PIL refuses the header before we see the size
-        raise SdgenError(f"{path}: {what} is larger than the {MAX_PIXELS // 1_000_000} megapixels sdgen accepts") from None
+        raise ImageRefused(f"{what} is larger than the {MAX_PIXELS // 1_000_000} megapixels sdgen accepts") from None
     except Image.UnidentifiedImageError:
-        raise SdgenError(f"{path}: not a readable {what}: sdgen reads PNG, JPEG, WebP, BMP, TIFF and GIF") from None
+        raise ImageRefused(f"not a readable {what}: sdgen reads PNG, JPEG, WebP, BMP, TIFF and GIF") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise SdgenError(f"{path}: not a readable {what} ({e.__class__.__name__}: {e})") from None
+        raise ImageRefused(f"not a readable {what} ({e.__class__.__name__}: {e})") from None
 
 
 def as_image(image, what="image") -> Image.Image:

@@ -1,8 +1,10 @@
 """Trains the built-in demo model from nothing on this machine's CPU: `python -m sdgen.demo.train --out DIR`.
 
 The three SD1 parts are sdgen's own modules at small sizes, trained on the procedural shapes of data.py:
-  1. VAE         reconstruction (L1 + L2) with a small KL term, on 64x64 crops around the shape, then whole
-                 128x128 pictures. Then its latent space is re-parametrised (exactly: quant_conv and
+  1. VAE         reconstruction (L1 + L2, the object's pixels weighted up: see recon_loss) with a small KL term,
+                 and latent channels 0-2 tied to the 8x8-averaged RGB (latent_rgb_loss: the eight colours lie far
+                 apart in the latent space, so the UNet does not confuse them), on 64x64 crops around the shape,
+                 then whole 128x128 pictures. Then its latent space is re-parametrised (exactly: quant_conv and
                  post_quant_conv absorb a per-channel affine map) so that latents times SD1's fixed 0.18215 have
                  zero mean and unit std per channel, as sdgen reads single files with that constant.
   2. latents     IMAGES fixed pictures encoded once (posterior means); captions are redrawn at every step.
@@ -19,7 +21,8 @@ Every step draws its data from generators seeded by (seed, phase, step), and che
 optimiser state, so an interrupted run resumes at its last checkpoint (rerun the same command) and ends with the
 same weights as an uninterrupted one. A resumed run may be given another --minutes: the step counts, hence what
 is left of the learning-rate schedule, change; the networks may not. `--minutes` scales the step counts (60: the
-shipped recipe, about 75 minutes on 2 shared cores of an AMD EPYC); the same arguments give the same model.
+shipped recipe, 68.9 minutes on 2 idle cores of an AMD EPYC: VAE 16.8, encode 5.8, UNet 46.4); the same
+arguments give the same model.
 """
 
 import argparse
@@ -56,6 +59,8 @@ class Recipe:
     vae_crop: int = 64          # crops for the first 80% of the VAE steps; then whole pictures, a quarter as many
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5     # per latent element, against the per-pixel L1
+    object_weight: float = 0.0  # extra reconstruction weight of the object's pixels (see recon_loss)
+    latent_rgb: float = 0.0     # weight of "latent channels 0-2 are the 8x8-averaged RGB" (see latent_rgb_loss)
     images: int = 6_000         # pictures encoded for the diffusion phase
     unet_steps: int = 1300
     unet_batch: int = 32
@@ -75,20 +80,30 @@ class Recipe:
 
 
 FULL = Recipe(
-    # 4 levels: 128x128 -> 16x16x4 latents. The last norm of each side (64 channels) has 2 channels per group:
-    # with 1 (32 channels), GroupNorm removes each channel's level over the picture, and a flat colour with it
-    vae=VAEConfig(ch=32, ch_mult=(2, 1, 1, 2), num_res_blocks=1),
-    # the real 49408-token vocabulary dominates: 72 wide (12 heads of 6) keeps it at 3.6M parameters
-    clip=CLIPConfig(hidden_size=72, intermediate_size=288, num_layers=3),
+    # 4 levels: 128x128 -> 16x16x4 latents. GroupNorm (32 groups, SD1's) normalises each group over the picture, so
+    # on a flat background only the pattern within a group tells one colour from another: 2 channels per group
+    # keep only which of the two is larger. The decoder's last norm has 64 channels (2 per group); the 16x16 level,
+    # where the encoder's last norm and both mid blocks sit, has 128 (4 per group), cheap at 16x16 (with 96, 3 per
+    # group, the VAE alone read back 79% of backgrounds after 600 steps; with 128, all of them)
+    vae=VAEConfig(ch=32, ch_mult=(2, 1, 1, 4), num_res_blocks=1),
+    vae_steps=1500,
+    object_weight=1.0,
+    latent_rgb=1.0,
+    # the real 49408-token vocabulary dominates: 60 wide (12 heads of 5: single files do not record the head
+    # count, so loaders assume CLIP-L's 12) keeps it at 3.1M parameters
+    clip=CLIPConfig(hidden_size=60, intermediate_size=240, num_layers=3),
     # 16x16 -> 8x8 -> 4x4 latents; cross attention at 8x8 and 4x4 (where it is cheap)
     unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
-                    context_dim=72),
+                    context_dim=60),
+    unet_steps=2400,
+    unet_lr=8e-4,
 )
 TINY = Recipe(  # seconds: for tests of the machinery, not a usable model
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
     clip=CLIPConfig(hidden_size=24, intermediate_size=48, num_layers=1),
     unet=UNetConfig(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_levels=(1,), context_dim=24),
     vae_steps=4, vae_batch=2, vae_crop=32, images=8, unet_steps=6, unet_batch=4, warmup=2, eval_every=0,
+    object_weight=1.0, latent_rgb=1.0,
 )
 
 
@@ -137,6 +152,29 @@ def normalise_latents(vae: VAE, mean: torch.Tensor, std: torch.Tensor):
         p = vae.post_quant_conv
         p.bias += (p.weight[:, :, 0, 0] @ mean)
         p.weight *= k[None, :, None, None]
+
+
+def pictures(scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scenes' pictures (n, 3, 128, 128) in [-1, 1] and their objects' coverage (n, 1, 128, 128) in [0, 1]."""
+    x = data.to_tensor_batch(np.stack([data.render(s) for s in scenes]))
+    mask = np.stack([data.shape_mask(s.shape, s.cx, s.cy, s.half) for s in scenes])
+    return x, torch.from_numpy(mask).float()[:, None]
+
+
+def recon_loss(y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """L1 + L2 per pixel (the squares weigh wrong colours, large errors, more) over the whole picture, plus
+    object_weight times the same over the object's pixels alone: a small shape is a few percent of the pixels,
+    yet its colour is half of what a caption says."""
+    err = ((y - x).abs() + (y - x).pow(2)).mean(1, keepdim=True)
+    return err.mean() + object_weight * (err * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def latent_rgb_loss(mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Latent channels 0-2 against the picture's RGB averaged over each latent pixel's 8x8 patch (both about
+    [-1, 1]). Reconstruction alone lets the encoder put every flat colour on one line of the latent space, so the
+    eight backgrounds end up a fraction of a standard deviation apart and the UNet confuses them (green and black
+    were 0.08 apart in a 2600-step run); tying three channels to RGB spreads them as far apart as their pixels."""
+    return F.mse_loss(mean[:, :3], F.avg_pool2d(x, 8))
 
 
 def export(vae: VAE, clip: CLIPTextModel, unet: UNet, path: Path):
@@ -309,12 +347,13 @@ class Trainer:
             whole = self.step >= 0.8 * r.vae_steps
             n = max(1, r.vae_batch // 4) if whole else r.vae_batch
             scenes = [data.Scene.random(rng) for _ in range(n)]
-            x = data.to_tensor_batch(np.stack([data.render(s) for s in scenes]))  # (n, 3, 128, 128)
+            x, mask = pictures(scenes)  # (n, 3, 128, 128), (n, 1, 128, 128)
             if not whole:  # crops around the shape: a crop of background alone has no colour to tell (see Recipe)
                 c = r.vae_crop
                 corner = lambda centre: int(np.clip(centre - c / 2 + rng.uniform(-c / 4, c / 4), 0, data.SIDE - c))
                 corners = [(corner(s.cy), corner(s.cx)) for s in scenes]
-                x = torch.stack([img[:, y:y + c, x_:x_ + c] for img, (y, x_) in zip(x, corners)])
+                x, mask = (torch.stack([img[:, y:y + c, x_:x_ + c] for img, (y, x_) in zip(t, corners)])
+                           for t in (x, mask))
             for group in self.vae_opt.param_groups:
                 group["lr"] = lr_at(self.step, r.vae_steps, r.vae_lr, 50)
             mean, logvar = vae.encode_moments(x)
@@ -322,7 +361,9 @@ class Trainer:
             y = vae.decoder(vae.post_quant_conv(z))
             rec = (y - x).abs().mean()
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-            loss = rec + (y - x).pow(2).mean() + r.kl_weight * kl  # the squares weigh wrong colours (large errors) more
+            loss = recon_loss(y, x, mask, r.object_weight) + r.kl_weight * kl
+            if r.latent_rgb:
+                loss = loss + r.latent_rgb * latent_rgb_loss(mean, x)
             self.vae_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.vae_opt.step()
@@ -420,13 +461,13 @@ class Trainer:
         stays fixed: the decoder keeps improving (its colours converge slowest) at no cost to the UNet."""
         rng, g = step_rng(self.seed, "done", step)
         scenes = [data.Scene.random(rng) for _ in range(max(1, self.recipe.vae_batch // 4))]
-        x = data.to_tensor_batch(np.stack([data.render(s) for s in scenes]))
+        x, mask = pictures(scenes)
         vae = self.vae
         with torch.no_grad():
             mean, logvar = vae.encode_moments(x)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
         y = vae.decoder(vae.post_quant_conv(z))
-        loss = (y - x).abs().mean() + (y - x).pow(2).mean()
+        loss = recon_loss(y, x, mask, self.recipe.object_weight)
         for group in self.vae_opt.param_groups:
             group["lr"] = self.recipe.decoder_lr
         self.vae_opt.zero_grad(set_to_none=True)

@@ -252,26 +252,9 @@ def decode_image(text: str, field: str) -> Image.Image:
         except (binascii.Error, ValueError):
             raise FieldError(field, "not valid base64") from None
     try:
-        with Image.open(io.BytesIO(raw), formats=images.RASTER_FORMATS) as im:
-            w, h = im.size
-            if w * h > images.MAX_PIXELS or min(w, h) < images.MIN_SIDE:
-                raise FieldError(field, f"the image is {w}x{h}; it must be from {images.MIN_SIDE}x{images.MIN_SIDE} "
-                                        f"to {images.MAX_PIXELS // 1_000_000} megapixels")
-            im.seek(0)
-            im.load()
-            text_chunks = dict(getattr(im, "text", {}) or {})
-            out = ImageOps.exif_transpose(im)
-            out = out.copy() if out is im else out
-            out.info.update(text_chunks)
-            return out
-    except FieldError:
-        raise
-    except Image.DecompressionBombError:
-        raise FieldError(field, f"the image is larger than {images.MAX_PIXELS // 1_000_000} megapixels") from None
-    except Image.UnidentifiedImageError:
-        raise FieldError(field, "not a readable image: sdgen reads PNG, JPEG, WebP, BMP, TIFF and GIF") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise FieldError(field, f"not a readable image ({type(e).__name__})") from None
+        return images.read_image(io.BytesIO(raw))
+    except images.ImageRefused as e:
+        raise FieldError(field, str(e)) from None
 
 
 def img2img_images(body: Img2Img) -> tuple[Image.Image, Image.Image | None]:
