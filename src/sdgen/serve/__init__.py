@@ -50,6 +50,7 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise SdgenError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.listen(2048)   # from now on a client that connects waits in the backlog until the server accepts
     sock.set_inheritable(True)
     return sock
 

@@ -438,6 +438,9 @@ def _stderr(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+GRACE = 5   # seconds a stopping replica waits for its requests (Ctrl-C, scale-down), as the single server's uvicorn
+
+
 def application(settings, *, replicas: int = 1, autoscale: tuple[int, int] | None = None, num_cpus: float = 1,
                 num_gpus: float = 0, name: str = "sdgen"):
     """The Ray Serve application: SdgenIngress over `replicas` SdgenModel replicas (or between autoscale's MIN
@@ -450,7 +453,8 @@ def application(settings, *, replicas: int = 1, autoscale: tuple[int, int] | Non
                      # one job runs, queue_size wait in the replica's own queue, a few slots for quick routes;
                      # beyond, Serve keeps queue_size more per ingress, then answers 503
                      "max_ongoing_requests": settings.queue_size + 1 + 4,
-                     "max_queued_requests": max(1, settings.queue_size)}
+                     "max_queued_requests": max(1, settings.queue_size),
+                     "graceful_shutdown_timeout_s": GRACE}
     if autoscale:
         model_options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
                                                "initial_replicas": autoscale[0], "target_ongoing_requests": 1}
@@ -458,7 +462,8 @@ def application(settings, *, replicas: int = 1, autoscale: tuple[int, int] | Non
         model_options["num_replicas"] = replicas
     models = serve.deployment(ModelReplica, name="SdgenModel", **model_options).bind(settings, board)
     ingress = serve.deployment(serve.ingress()(Ingress), name="SdgenIngress",
-                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                               graceful_shutdown_timeout_s=GRACE)
     return ingress.bind(models, settings, board)
 
 
