@@ -202,8 +202,9 @@ def test_serve_two_replicas_answer_concurrent_a1111_requests(cluster, demo):
                 time.sleep(0.2)
             assert p["state"]["sampling_steps"] == 150 and 0 < p["progress"] < 1 and p["current_image"]
             _post(url + "/sdapi/v1/interrupt?id_task=long-job", {})
-            (long_answer, h1), (short_answer, h2) = (j.result(timeout=300) for j in jobs)
-        assert h1["x-sdgen-replica"] != h2["x-sdgen-replica"]
+            (long_answer, _), (short_answer, _) = (j.result(timeout=300) for j in jobs)
+        # Serve's router usually puts the short job on the idle replica, but its queue-length cache may send it
+        # behind the long one: either way the interrupt by id stops only the long job
         assert json.loads(long_answer["info"])["interrupted"] and len(long_answer["images"]) == 1
         assert not json.loads(short_answer["info"])["interrupted"]   # the other job was not touched
         done = _get(url + "/sdapi/v1/progress?id_task=long-job")
@@ -213,7 +214,7 @@ def test_serve_two_replicas_answer_concurrent_a1111_requests(cluster, demo):
         proc.send_signal(signal.SIGINT)
         t0 = time.monotonic()
         try:
-            proc.wait(180)
+            proc.wait(90)   # the command waits at most STOP_WAIT (30 s) for Serve to delete the application
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -529,6 +529,27 @@ def serve_on_ray(settings, *, address: str | None, host: str, port: int, replica
         while True:
             time.sleep(3600)
     finally:
-        serve.delete("sdgen")
+        _take_down(serve, log)
         if not address:
             ray.shutdown()
+
+
+STOP_WAIT = 30   # seconds Ctrl-C waits for Serve to delete the application before the command exits anyway
+
+
+def _take_down(serve, log):
+    """Delete the application, waiting at most STOP_WAIT: a busy cluster's controller must not keep Ctrl-C
+    from returning (a local Ray is shut down right after; on a cluster Serve finishes the deletion itself)."""
+    done = threading.Event()
+
+    def delete():
+        try:
+            serve.delete("sdgen")
+        except Exception as e:  # noqa: BLE001 - said, then the command exits as asked
+            log(f"sdgen serve --ray: deleting the application failed ({type(e).__name__}: {str(e)[:200]})")
+        finally:
+            done.set()
+
+    threading.Thread(target=delete, name="sdgen-take-down", daemon=True).start()
+    if not done.wait(STOP_WAIT):
+        log(f"sdgen serve --ray: Serve did not delete the application within {STOP_WAIT} s; leaving it to the cluster")
