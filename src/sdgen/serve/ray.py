@@ -15,6 +15,7 @@ import asyncio
 import contextvars
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -525,6 +526,7 @@ def serve_on_ray(settings, *, address: str | None, host: str, port: int, replica
     shown = f"[{host}]" if ":" in host else host
     size = f"{autoscale[0]}-{autoscale[1]} replicas (autoscaled)" if autoscale else f"{replicas} replica(s)"
     log(f"sdgen serve --ray: http://{shown}:{port}/ on Ray Serve, {size}; Ctrl-C stops")
+    signal.signal(signal.SIGTERM, _stop)   # what service managers send; Ctrl-C is Python's KeyboardInterrupt
     try:
         while True:
             time.sleep(3600)
@@ -532,6 +534,10 @@ def serve_on_ray(settings, *, address: str | None, host: str, port: int, replica
         _take_down(serve, log)
         if not address:
             ray.shutdown()
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt   # the same way out as Ctrl-C: the application is taken down
 
 
 STOP_WAIT = 30   # seconds Ctrl-C waits for Serve to delete the application before the command exits anyway
