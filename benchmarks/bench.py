@@ -105,7 +105,10 @@ def machine_info():
     except OSError:
         pass
     info["flags"] = {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
-    info["native_bf16"] = info["flags"]["avx512_bf16"] or info["flags"]["amx_bf16"]
+    from sdgen.precision import cpu_has_native_bf16
+
+    info["native_bf16"] = cpu_has_native_bf16()  # the flags, unless PyTorch is held below them (next line)
+    info["isa_limits"] = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
     try:
         info["mem_total_gib"] = round(int(next(l for l in open("/proc/meminfo") if l.startswith("MemTotal")).split()[1])
                                       / 2**20, 1)

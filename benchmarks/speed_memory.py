@@ -317,6 +317,9 @@ def report(res, a):
     info = res["machine"]
     print(f"## sdgen speed and memory ({info['cpu']}, {info['usable_cpus']} usable CPUs)\n")
     print("- CPU flags: " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in info["flags"].items()))
+    if info.get("isa_limits"):
+        print("- PyTorch held below the CPU's instruction set by " + ", ".join(f"{k}={v}" for k, v in
+              info["isa_limits"].items()) + f": native bf16 {'yes' if info['native_bf16'] else 'no'} for sdgen and here")
     la0, la1 = info["loadavg_start"], info["loadavg_end"]
     print(f"- load average (1/5/15 min) at start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, at end "
           f"{la1[0]:.2f}/{la1[1]:.2f}/{la1[2]:.2f}: above the core count, other work shared the CPUs")

@@ -67,7 +67,7 @@ def build_parser():
     g.add_argument("--from-png", metavar="PNG", help="start from the generation parameters stored in a PNG "
                                                      "(A1111 'parameters' text); options given here override them")
     g.add_argument("--precision", choices=list(PRECISIONS), default="auto",
-                   help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
+                   help="auto: fp16 on CUDA, bf16 on CPUs (computed in fp32 where the CPU has no native bf16)")
     g.add_argument("--device", default="auto", choices=list(DEVICES))
     g.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
                    help="decode/encode in blended tiles: auto (default) when the whole image would not fit the memory "

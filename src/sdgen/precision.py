@@ -8,6 +8,7 @@ slower than fp32, so half-precision storage computes in fp32 there: half the mem
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,14 +40,26 @@ class Precision:
         return f"{_name(self.storage)} (computed in {_name(self.compute)})"
 
 
+# oneDNN instruction-set limits (ONEDNN_MAX_CPU_ISA) below which bf16 matrix products are emulated
+_ONEDNN_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def cpu_has_native_bf16() -> bool:
-    """AVX512_BF16 or AMX: bf16 matrix products run at several times fp32 speed. Elsewhere bf16 is emulated."""
+    """AVX512_BF16 or AMX, and PyTorch allowed to use them: bf16 matrix products then run at fp32 speed or better.
+
+    Elsewhere bf16 is emulated. PyTorch can be held below what the CPU has (ONEDNN_MAX_CPU_ISA for oneDNN's
+    matmuls and convs, ATEN_CPU_CAPABILITY for its own kernels); both are honoured, which also lets an AVX-512
+    machine run (and measure) what an AVX2-only CPU gets."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
     except OSError:
         return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    if " avx512_bf16" not in flags and " amx_bf16" not in flags:
+        return False
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ONEDNN_WITHOUT_BF16:
+        return False
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "ZVECTOR", "VSX")
 
 
 def resolve_device(device) -> torch.device:
@@ -76,13 +89,11 @@ def check_precision(name) -> None:
 
 
 def resolve_precision(name, device: torch.device) -> Precision:
-    """'auto' stores fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; see the module docstring."""
+    """'auto' stores fp16 on CUDA and bf16 on every CPU (computed in fp32 where bf16 is emulated): half the memory
+    of fp32; see the module docstring."""
     check_precision(name)
     storage = name if isinstance(name, torch.dtype) else PRECISIONS[name or "auto"]
     if storage is None:
-        if device.type == "cuda":
-            storage = torch.float16
-        else:
-            storage = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        storage = torch.float16 if device.type == "cuda" else torch.bfloat16
     native = device.type != "cpu" or storage.itemsize >= 4 or (storage == torch.bfloat16 and cpu_has_native_bf16())
     return Precision(storage, storage if native else torch.float32)

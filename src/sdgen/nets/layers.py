@@ -11,6 +11,7 @@ and `load_state_dict(assign=True)` are unchanged.
 """
 
 import contextvars
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,39 @@ WIDE = torch.float32  # statistics (norms) are computed at least in this precisi
 
 
 def cast(p, x):
-    """p in x's dtype; the very same tensor when it already is (or p is None)."""
-    return p if p is None or p.dtype == x.dtype else p.to(x.dtype)
+    """p in x's dtype; the very same tensor when it already is (or p is None).
+
+    A weight matrix cast for inference is written into a per-thread scratch buffer reused by every layer: a fresh
+    allocation for each layer's wide weight made the kernel fault in new pages at every call (1.0 s of a 13.5 s
+    SD1.5 UNet step on 2 cores; the copy into warm memory takes 0.1 s). The result is therefore only valid until
+    the next weight cast: a caller casts one weight, uses it, and drops it (biases and norm vectors, 1-D, are
+    allocated as before)."""
+    if p is None or p.dtype == x.dtype:
+        return p
+    if p.ndim < 2 or p.numel() < _SCRATCH_MIN or torch.is_grad_enabled() or torch.compiler.is_compiling() \
+            or not (p.is_contiguous() or p.is_contiguous(memory_format=CL)):
+        return p.to(x.dtype)
+    return _scratch(p.numel(), x.dtype, x.device).as_strided(p.shape, p.stride()).copy_(p)
+
+
+_SCRATCH_MIN = 1 << 16  # elements; smaller casts come from the allocator's warm pool anyway
+_SCRATCH = threading.local()
+
+
+def release_scratch() -> None:
+    """Drop this thread's cast buffers (the next weight cast makes a new one): between stages, so the VAE decode
+    does not sit on the UNet's 52 MB."""
+    _SCRATCH.__dict__.pop("buffers", None)
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's cast buffer for (dtype, device), grown to the largest weight seen (52 MB fp32 for SD1.5/SDXL)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get((dtype, device))
+    if buf is None or buf.numel() < n:
+        buffers[(dtype, device)] = buf = None  # the old one goes first
+        buf = buffers[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+    return buf
 
 
 def silu_(x):
@@ -101,23 +133,33 @@ def upsample_conv(x, conv: nn.Conv2d, size=None):
                      torch.stack([k[..., 0] + k[..., 1], k[..., 2]], -1)], 1)  # (2, 2, O, I, 2, 2)
     layout = CL if x.is_contiguous(memory_format=CL) and not x.is_contiguous() else torch.contiguous_format
     bias = cast(conv.bias, x)
+    out = torch.empty((b, o, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=layout)
     if b * h * w * o * 4 < BAND_ELEMENTS:  # small: one conv with 4*O outputs is fastest
         k = k.reshape(4 * o, -1, 2, 2).contiguous(memory_format=layout)
-        y = F.conv2d(x, k, None if bias is None else bias.repeat(4), padding=1)  # (B, 4*O, h+1, w+1)
-        y = y.unflatten(1, (2, 2, o))
-        phases = lambda a, c: y[:, a, c, :, a:a + h, c:c + w]
-    else:  # large (the VAE's top levels): one phase at a time, so only a quarter of the output exists twice
-        xp = F.pad(x, (1, 1, 1, 1))
-        phases = lambda a, c: F.conv2d(xp[:, :, a:a + h + 1, c:c + w + 1], k[a, c].contiguous(memory_format=layout),
-                                       bias)  # (B, O, h, w)
-    out = torch.empty((b, o, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=layout)
+        y = F.conv2d(x, k, None if bias is None else bias.repeat(4), padding=1).unflatten(1, (2, 2, o))
+        for a in (0, 1):  # (B, 2, 2, O, h+1, w+1): phase (a, c) of output pixel (i, j) is window (i + a, j + c)
+            for c in (0, 1):
+                out[:, :, a::2, c::2] = y[:, a, c, :, a:a + h, c:c + w]
+        return out
+    # large (the VAE's top levels): one phase and one band of rows at a time, each band padded on its own, so
+    # besides x and the output only band-sized pieces exist (a whole phase and a padded copy of x were ~135 MB
+    # more at the 512x512 VAE's top, fp32)
+    rows = max(1, BAND_ELEMENTS // (BANDS * o * w * b))
     for a in (0, 1):
-        for c in (0, 1):  # phase (a, c) of output pixel (i, j) is window (i + a, j + c) of the padded input
-            out[:, :, a::2, c::2] = phases(a, c)
+        for c in (0, 1):
+            kac = k[a, c].contiguous(memory_format=layout)
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                # output row i of phase a reads input rows i + a - 1 and i + a (zeros outside the image)
+                band = F.pad(x[:, :, max(0, r0 + a - 1):min(h, r1 + a)],
+                             (1 - c, c, 1 if r0 + a == 0 else 0, 1 if r1 + a > h else 0))
+                out[:, :, 2 * r0 + a:2 * r1:2, c::2] = F.conv2d(band, kac, bias)
     return out
 
 
 BAND_ELEMENTS = 1 << 24  # inputs larger than this (64 MB in fp32) go through norm_silu_conv in row bands
+BANDS = 16  # ... of about BAND_ELEMENTS / BANDS elements each (4 MB in fp32: 1/16 cut the 512x512 fp32 decode's
+#             peak by 0.1 GiB against 1/4, at the same speed)
 
 
 def group_stats(x, groups: int):
@@ -191,14 +233,16 @@ class NormStats:
 SHARED_NORMS: contextvars.ContextVar[NormStats | None] = contextvars.ContextVar("shared_norms", default=None)
 
 
-def norm_silu_conv(x, norm: nn.GroupNorm, conv: nn.Conv2d):
+def norm_silu_conv(x, norm: nn.GroupNorm, conv: nn.Conv2d, inplace: bool = False):
     """conv(silu(norm(x))) for a 3x3, stride 1, padding 1 conv, without building the full normalised tensor.
 
-    At 512x512 the VAE decoder's top blocks hold 256-channel activations of 268 MB each; normalising in one go
-    doubles that. Here the group statistics are taken in one pass over x (var_mean builds no temporary), then
+    At 512x512 the VAE decoder's top blocks hold 256-channel activations of 268 MB each (fp32); normalising in one
+    go doubles that. Here the group statistics are taken in one pass over x (var_mean builds no temporary), then
     bands of rows are normalised, activated and convolved into the preallocated output, each band with the
-    one-row halo the 3x3 kernel reads. Same maths as the plain path; small inputs take the plain path.
-    (B, C, H, W) -> (B, O, H, W)."""
+    one-row halo the 3x3 kernel reads. inplace (x a fresh tensor the caller owns, as many output channels as
+    input): each output band overwrites its own input rows, keeping the one original row the next band's halo
+    still needs, so no second full-size tensor exists. Same maths as the plain path; small inputs take the plain
+    path. (B, C, H, W) -> (B, O, H, W)."""
     if torch.is_grad_enabled() or x.numel() < BAND_ELEMENTS or x.ndim != 4 or x.is_contiguous(memory_format=CL) \
             and not x.is_contiguous():
         return conv(silu_(norm(x)))
@@ -206,15 +250,22 @@ def norm_silu_conv(x, norm: nn.GroupNorm, conv: nn.Conv2d):
     shared = SHARED_NORMS.get()
     a, d = _affine(norm, *(shared(x, norm.num_groups) if shared is not None else group_stats(x, norm.num_groups)), c)
     weight, bias = cast(conv.weight, x), cast(conv.bias, x)
-    out = torch.empty((b, weight.shape[0], h, w), dtype=x.dtype, device=x.device)
-    rows = max(1, BAND_ELEMENTS // (4 * c * w * b))
+    inplace = inplace and weight.shape[0] == c
+    out = x if inplace else torch.empty((b, weight.shape[0], h, w), dtype=x.dtype, device=x.device)
+    rows = max(1, BAND_ELEMENTS // (BANDS * c * w * b))
+    above = None  # inplace: the original row r0 - 1, already overwritten in x
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
-        lo, hi = max(0, r0 - 1), min(h, r1 + 1)
-        band = F.silu((x[:, :, lo:hi].to(a.dtype) * a).add_(d), inplace=True).to(x.dtype)
+        hi = min(h, r1 + 1)
+        src = x[:, :, max(0, r0 - 1):hi] if above is None else torch.cat([above, x[:, :, r0:hi]], 2)
+        band = F.silu((src.to(a.dtype) * a).add_(d), inplace=True).to(x.dtype)
         # zero rows where the band touches the image border, as the conv's own padding would
         band = F.pad(band, (0, 0, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
-        out[:, :, r0:r1] = F.conv2d(band, weight, bias, padding=(0, 1))
+        y = F.conv2d(band, weight, bias, padding=(0, 1))
+        if inplace:
+            above = x[:, :, r1 - 1:r1].clone()
+        out[:, :, r0:r1] = y
+        del band, y, src
     return out
 
 
@@ -293,7 +344,7 @@ def add_conv1x1_(out, conv: nn.Conv2d, x):
     if torch.is_grad_enabled() or x.numel() < BAND_ELEMENTS or x.ndim != 4:
         return out.add_(conv(x))
     weight, bias = cast(conv.weight, x), cast(conv.bias, x)
-    rows = max(1, BAND_ELEMENTS // (4 * x.shape[1] * x.shape[3] * x.shape[0]))
+    rows = max(1, BAND_ELEMENTS // (BANDS * x.shape[1] * x.shape[3] * x.shape[0]))
     for r0 in range(0, x.shape[2], rows):
         out[:, :, r0:r0 + rows] += F.conv2d(x[:, :, r0:r0 + rows], weight, bias)
     return out

@@ -189,7 +189,7 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x):
         h = norm_silu_conv(x, self.norm1, self.conv1)
-        h = norm_silu_conv(h, self.norm2, self.conv2)
+        h = norm_silu_conv(h, self.norm2, self.conv2, inplace=True)  # h is ours: no third full-size tensor
         # in place into the fresh conv output (conv backward does not need it): saves a full-size buffer
         return add_conv1x1_(h, self.nin_shortcut, x) if hasattr(self, "nin_shortcut") else h.add_(x)
 
