@@ -322,7 +322,8 @@ def report(res, a):
               info["isa_limits"].items()) + f": native bf16 {'yes' if info['native_bf16'] else 'no'} for sdgen and here")
     la0, la1 = info["loadavg_start"], info["loadavg_end"]
     print(f"- load average (1/5/15 min) at start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, at end "
-          f"{la1[0]:.2f}/{la1[1]:.2f}/{la1[2]:.2f}: above the core count, other work shared the CPUs")
+          f"{la1[0]:.2f}/{la1[1]:.2f}/{la1[2]:.2f}" + (": over the core count + 1, other work shared the CPUs" if
+          max(la0[0], la1[0]) > info["usable_cpus"] + 1 else " (the benchmark itself keeps the cores busy)"))
     print(f"- torch {info['versions']['torch']}, diffusers {info['versions']['diffusers']}; sdgen --precision "
           f"{a.precision}\n")
     pk = res.get("peak", {})
