@@ -11,7 +11,6 @@ hook run after every step. One loop then runs the sampler over it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 import time
 import warnings
@@ -516,8 +515,8 @@ DECODE_BUDGET = 2**30
 
 def _malloc_trim():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return ctypes.CDLL(None).malloc_trim  # the process's own C library: glibc's has it
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl), or Windows
         return None
 
 
